@@ -1,0 +1,3 @@
+from registry.cli.main import main
+
+main()

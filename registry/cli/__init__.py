@@ -1,0 +1,1 @@
+"""The click layer: argument parsing, output and the error-to-exit-code edge."""
