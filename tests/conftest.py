@@ -89,3 +89,9 @@ def qreg_exe() -> str:
     if exe is None:
         exe = str(Path(sys.executable).with_name("qreg"))
     return exe
+
+
+# Fixtures shared across test modules live in these modules; importing them here
+# registers them with pytest for every test.
+from gguf_fixtures import *  # noqa: E402,F401,F403
+from hf_mirror_fixtures import *  # noqa: E402,F401,F403

@@ -1,0 +1,1 @@
+"""Fixture GGUF files made with gguf's GGUFWriter and llama.cpp's llama-quantize (to be written)."""

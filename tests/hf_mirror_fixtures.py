@@ -1,0 +1,1 @@
+"""Pytest fixtures that start the loopback Hugging Face mirror (to be written)."""
