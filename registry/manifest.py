@@ -222,12 +222,14 @@ def overlay_path_for(manifest_path: Path) -> Path:
 
 
 def load_manifest(path: str | os.PathLike[str] | None = None, *, apply_overlay: bool = True) -> Manifest:
-    """Load a manifest: the given path, else QREG_MANIFEST, else the shipped one.
+    """Load a manifest: the given path, else QREG_MANIFEST or the config file, else the shipped one.
 
     Raises ManifestError naming the file, the variant and the field on any problem.
     """
     if path is None:
-        path = os.environ.get("QREG_MANIFEST") or None
+        from registry.config import resolve
+
+        path, _source = resolve("manifest")
     manifest_path = Path(path) if path is not None else shipped_manifest_path()
     data = _read_toml(manifest_path)
 
