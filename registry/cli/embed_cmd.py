@@ -1,0 +1,120 @@
+"""`qreg embed`: embed texts with a running llama-server and print vectors or similarities."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from registry.cli.options import json_option, make_output, quiet_option
+from registry.cli.output import format_table
+from registry.errors import UsageError
+
+
+def _default_url() -> str:
+    from registry.config import resolve
+    from registry.server import client_url
+
+    host, _ = resolve("serve.host")
+    port, _ = resolve("serve.port")
+    return client_url(host, port)
+
+
+def _read_texts(texts: tuple[str, ...], file_path: str | None) -> list[str]:
+    collected = list(texts)
+    if file_path is not None:
+        collected += _lines(click.open_file(file_path, "r", encoding="utf-8"), file_path)
+    elif not collected and not sys.stdin.isatty():
+        collected = _lines(sys.stdin, "stdin")
+
+    if not collected:
+        raise UsageError("no text to embed", hint="pass texts as arguments, --file PATH, or pipe them on stdin")
+    for index, text in enumerate(collected):
+        if not text.strip():
+            raise UsageError(f"text {index + 1} is empty", hint="remove it; an empty input has no meaning to embed")
+    return collected
+
+
+def _lines(stream, name: str) -> list[str]:
+    try:
+        with stream:
+            return [line.rstrip("\r\n") for line in stream if line.strip()]
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{name} is not UTF-8 text: {error.reason} at byte {error.start}") from None
+
+
+def _render(data: dict) -> str:
+    inputs = data["inputs"]
+    if len(inputs) == 1:
+        return " ".join(f"{value:.6f}" for value in inputs[0]["embedding"])
+
+    labels = [f"#{i + 1}" for i in range(len(inputs))]
+    rows = [[label] + [f"{value:.4f}" for value in row] for label, row in zip(labels, data["similarity"])]
+    table = format_table([""] + labels, rows, align_right=set(range(1, len(labels) + 1)))
+    legend = [f"{label}  {item['preview']}  ({item['tokens']} tokens)" for label, item in zip(labels, inputs)]
+    return "cosine similarity\n" + table + "\n\n" + "\n".join(legend)
+
+
+@click.command("embed")
+@click.argument("texts", nargs=-1)
+@click.option("--file", "file_path", type=click.Path(dir_okay=False, allow_dash=True), help="Read texts from this file, one a line ('-' for stdin); blank lines are skipped.")
+@click.option("--url", default=None, help="Base URL of the llama-server [default: from serve.host and serve.port, http://127.0.0.1:8080].")
+@click.option("--api-key", envvar="QREG_API_KEY", default=None, help="API key the server was started with [env: QREG_API_KEY].")
+@click.option("--instruct", "task", default=None, help="Format each text as a query for this task: 'Instruct: TASK\\nQuery:TEXT'.")
+@click.option("--dimensions", type=int, default=None, help="Keep the first N dimensions and re-normalize (32 to the model's 1024).")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True, help="Seconds to wait for each request.")
+@json_option
+@quiet_option
+def embed_command(
+    texts: tuple[str, ...],
+    file_path: str | None,
+    url: str | None,
+    api_key: str | None,
+    task: str | None,
+    dimensions: int | None,
+    timeout: float,
+    json_mode: bool,
+    quiet: bool,
+) -> None:
+    """Embed TEXTS with a running server: one text prints its vector, two or more their cosine similarities.
+
+    Each input is sent with exactly one <|endoftext|> at its end, which Qwen3-Embedding's
+    last-token pooling needs; qreg queries the server's /tokenize to learn whether it appends one itself.
+    Without TEXTS and --file, texts are read from stdin, one a line.
+
+    \b
+    Examples:
+      qreg embed "first text" "second text"
+      qreg embed --instruct "Given a web search query, retrieve relevant passages" "what is GGUF"
+      qreg embed --file texts.txt --json --dimensions 256
+    """
+    from registry.embed import EmbedClient, check_dimensions, cosine_matrix, preview, query_with_instruction
+
+    output = make_output(json_mode, quiet)
+    collected = _read_texts(texts, file_path)
+    if task is not None:
+        collected = [query_with_instruction(task, text) for text in collected]
+
+    base_url = url or _default_url()
+    with EmbedClient(base_url, api_key=api_key, timeout=timeout) as client:
+        if dimensions is not None:
+            check_dimensions(dimensions, _embedding_length(client))
+        embeddings = client.embed(collected, dimensions=dimensions)
+
+    vectors = [item.vector for item in embeddings]
+    data = {
+        "url": base_url,
+        "dimensions": len(vectors[0]),
+        "inputs": [
+            {"text": item.text, "preview": preview(item.text), "tokens": item.tokens, "embedding": item.vector}
+            for item in embeddings
+        ],
+        "similarity": cosine_matrix(vectors) if len(vectors) > 1 else None,
+    }
+    output.info(f"{len(vectors)} embedding(s) of {len(vectors[0])} dimensions from {base_url}")
+    output.result(data, _render)
+
+
+def _embedding_length(client) -> int:
+    # One request with a short text gives the model's embedding length without a manifest.
+    return len(client.embed(["a"])[0].vector)
