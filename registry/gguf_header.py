@@ -20,19 +20,63 @@ gguf, and:
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import stat
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, BinaryIO
-
-import gguf
 
 from registry.errors import GGUFError, NotFoundError, QregError, UsageError
 
 log = logging.getLogger(__name__)
+
+
+def _load_gguf_constants() -> ModuleType:
+    """Return gguf's constants module, without importing the gguf package if possible.
+
+    `import gguf` also imports numpy, gguf's reader and its writer, which costs about
+    0.1 s per run of `qreg inspect` and is not needed here. gguf/constants.py (checked
+    in gguf 0.19) imports only the standard library, so it is loaded on its own.
+    """
+    loaded = sys.modules.get("gguf.constants")
+    if loaded is not None:
+        return loaded
+
+    module = _load_constants_file()
+    if module is not None:
+        return module
+
+    import gguf
+
+    return gguf.constants
+
+
+def _load_constants_file() -> ModuleType | None:
+    spec = importlib.util.find_spec("gguf")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "constants.py"
+    file_spec = importlib.util.spec_from_file_location("registry._gguf_constants", path)
+    if not path.is_file() or file_spec is None or file_spec.loader is None:
+        return None
+
+    module = importlib.util.module_from_spec(file_spec)
+    sys.modules[file_spec.name] = module
+    try:
+        file_spec.loader.exec_module(module)
+    except ImportError:
+        del sys.modules[file_spec.name]
+        log.debug("%s does not load on its own; importing the gguf package", path)
+        return None
+    return module
+
+
+gguf_constants = _load_gguf_constants()
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -63,7 +107,7 @@ _U64 = struct.Struct("<Q")
 _ARRAY_HEAD = struct.Struct("<IQ")
 _TENSOR_TAIL = struct.Struct("<IQ")
 
-_VT = gguf.GGUFValueType
+_VT = gguf_constants.GGUFValueType
 _SCALAR_FORMATS: dict[int, str] = {
     _VT.UINT8: "B",
     _VT.INT8: "b",
@@ -86,7 +130,7 @@ NOT_GGUF_HINT = "pass a .gguf model file"
 
 @dataclass(frozen=True)
 class ArrayValue:
-    """A metadata array: element type (gguf.GGUFValueType name), length, and values if short."""
+    """A metadata array: element type (gguf_constants.GGUFValueType name), length, and values if short."""
 
     element_type: str
     length: int
@@ -113,8 +157,8 @@ class TensorInfo:
 
     @property
     def type_name(self) -> str:
-        """Return the gguf.GGMLQuantizationType name, e.g. Q4_K or BF16."""
-        return gguf.GGMLQuantizationType(self.type_id).name
+        """Return the gguf_constants.GGMLQuantizationType name, e.g. Q4_K or BF16."""
+        return gguf_constants.GGMLQuantizationType(self.type_id).name
 
 
 @dataclass(frozen=True)
@@ -133,11 +177,11 @@ class GGUFHeader:
 
     @property
     def architecture(self) -> str | None:
-        value = self.metadata.get(gguf.Keys.General.ARCHITECTURE)
+        value = self.metadata.get(gguf_constants.Keys.General.ARCHITECTURE)
         return value if isinstance(value, str) else None
 
     def arch_value(self, key_template: str) -> Any:
-        """Return the value of an architecture key such as gguf.Keys.LLM.CONTEXT_LENGTH, or None."""
+        """Return the value of an architecture key such as gguf_constants.Keys.LLM.CONTEXT_LENGTH, or None."""
         if self.architecture is None:
             return None
         return self.metadata.get(key_template.format(arch=self.architecture))
@@ -349,9 +393,9 @@ class _HeaderParser:
             metadata[key] = self._read_value(self._value_type(raw_type, what), key, what)
         return metadata
 
-    def _value_type(self, raw_type: int, what: str) -> gguf.GGUFValueType:
+    def _value_type(self, raw_type: int, what: str) -> gguf_constants.GGUFValueType:
         try:
-            return gguf.GGUFValueType(raw_type)
+            return gguf_constants.GGUFValueType(raw_type)
         except ValueError:
             raise self.window.fail(f"{what} has unknown value type {raw_type}") from None
 
@@ -366,7 +410,7 @@ class _HeaderParser:
         self.text_budget -= length
         return self.window.take(length, f"the name of {what}").decode("utf-8", errors="replace")
 
-    def _read_value(self, vtype: gguf.GGUFValueType, key: str, what: str) -> Any:
+    def _read_value(self, vtype: gguf_constants.GGUFValueType, key: str, what: str) -> Any:
         if vtype == _VT.STRING:
             return self._read_string(what)
         if vtype == _VT.ARRAY:
@@ -437,7 +481,7 @@ class _HeaderParser:
         return infos
 
     def _alignment(self, metadata: dict[str, Any]) -> int:
-        alignment = metadata.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT)
+        alignment = metadata.get(gguf_constants.Keys.General.ALIGNMENT, gguf_constants.GGUF_DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise self.window.fail(f"general.alignment is {alignment!r}, not a positive power of two")
         return alignment
@@ -446,8 +490,8 @@ class _HeaderParser:
         name, shape, type_id, offset = info
         what = f"tensor '{name}'"
         try:
-            qtype = gguf.GGMLQuantizationType(type_id)
-            block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            qtype = gguf_constants.GGMLQuantizationType(type_id)
+            block_size, type_size = gguf_constants.GGML_QUANT_SIZES[qtype]
         except (ValueError, KeyError):
             raise self.window.fail(f"{what} has unknown tensor type {type_id}") from None
 
@@ -489,8 +533,8 @@ class _HeaderParser:
 
     def _special_token_texts(self, metadata: dict[str, Any]) -> dict[int, str]:
         """Read the text of each token id named by a tokenizer.ggml.*_token_id key."""
-        marks = self.checkpoints.get(gguf.Keys.Tokenizer.LIST)
-        tokens = metadata.get(gguf.Keys.Tokenizer.LIST)
+        marks = self.checkpoints.get(gguf_constants.Keys.Tokenizer.LIST)
+        tokens = metadata.get(gguf_constants.Keys.Tokenizer.LIST)
         if not isinstance(tokens, ArrayValue) or tokens.element_type != "STRING":
             return {}
 

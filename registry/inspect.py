@@ -14,9 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import gguf
-
-from registry.gguf_header import ArrayValue, GGUFHeader, OmittedString, TensorInfo, read_header
+from registry.gguf_header import ArrayValue, GGUFHeader, OmittedString, TensorInfo, gguf_constants, read_header
 from registry.manifest import MIB, Manifest, Model, Variant, bits_per_weight, load_manifest
 
 # A file whose size is within this of a variant's listed size_mib counts as that size.
@@ -27,7 +25,7 @@ LOW_BPW = 3.0  # the model card: below ~3 BPW the models are not for production 
 TERNARY_TYPES = ("TQ1_0", "TQ2_0")
 HASH_CHUNK_BYTES = 1 << 20
 
-_KEYS = gguf.Keys
+_KEYS = gguf_constants.Keys
 
 
 @dataclass(frozen=True)
@@ -178,7 +176,7 @@ def _header_facts(header: GGUFHeader) -> dict[str, Any]:
         "name": _str_or_none(meta.get(_KEYS.General.NAME)),
         "parameters": header.parameter_count,
         "tensor_data_bytes": header.tensor_data_bytes,
-        "file_type": _enum_name(gguf.LlamaFileType, file_type_id),
+        "file_type": _enum_name(gguf_constants.LlamaFileType, file_type_id),
         "file_type_id": file_type_id,
         "quantization_version": _int_or_none(meta.get(_KEYS.General.QUANTIZATION_VERSION)),
         "context_length": _int_or_none(header.arch_value(_KEYS.LLM.CONTEXT_LENGTH)),
@@ -231,7 +229,7 @@ def match_variant(header: GGUFHeader, manifest: Manifest, sha256: str | None = N
         )
         return VariantMatch(None, "none", None, reason, other_model=True)
 
-    file_type = _enum_name(gguf.LlamaFileType, _int_or_none(header.metadata.get(_KEYS.General.FILE_TYPE)))
+    file_type = _enum_name(gguf_constants.LlamaFileType, _int_or_none(header.metadata.get(_KEYS.General.FILE_TYPE)))
     by_type = [variant for variant in manifest.variants if variant.file_type == file_type]
     if by_type:
         return _match_by_file_type(by_type, header.file_size, file_type, sha256)
@@ -396,7 +394,7 @@ def _rounded(value: float | None) -> float | None:
 def _pooling_name(pooling_id: int | None) -> str | None:
     if pooling_id is None:
         return None
-    name = _enum_name(gguf.PoolingType, pooling_id)
+    name = _enum_name(gguf_constants.PoolingType, pooling_id)
     return name.lower() if name else f"unknown ({pooling_id})"
 
 
