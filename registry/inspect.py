@@ -7,7 +7,6 @@ only with verify=True.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -23,7 +22,6 @@ SIZE_TOLERANCE_BYTES = int(0.02 * MIB)
 
 LOW_BPW = 3.0  # the model card: below ~3 BPW the models are not for production use
 TERNARY_TYPES = ("TQ1_0", "TQ2_0")
-HASH_CHUNK_BYTES = 1 << 20
 
 _KEYS = gguf_constants.Keys
 
@@ -142,7 +140,12 @@ def inspect_file(
     header = read_header(path)
     if manifest is None:
         manifest = load_manifest()
-    digest = sha256_file(header.path) if verify else None
+
+    digest = None
+    if verify:
+        from registry.store import sha256_file
+
+        digest = sha256_file(header.path)
     return build_report(header, manifest, digest)
 
 
@@ -358,15 +361,6 @@ def _ternary_warnings(report: InspectReport) -> list[ServingWarning]:
             "use a non-ternary variant, such as Q4_K_M",
         )
     ]
-
-
-def sha256_file(path: Path) -> str:
-    """Return the sha256 hex digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _scalar_fields(report: InspectReport) -> dict[str, Any]:

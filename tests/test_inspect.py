@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import tomli_w
 
+from registry import hub
 from registry.gguf_header import ArrayValue, GGUFHeader, TensorInfo, read_header
 from registry.inspect import build_report, inspect_file, match_variant, tensor_type_histogram
 from registry.manifest import MIB, bits_per_weight, derive_status, load_manifest
@@ -578,3 +579,21 @@ def test_twin_matched_by_size(twin_gguf_factory, qreg_exe):
     assert data["variant_match"]["variant"] == "Q4_K_M"
     assert data["variant_match"]["confidence"] == "high"
     assert data["variant_match"]["method"] == "file type and size"
+
+
+# --- a variant name selects the pulled file ---------------------------------------------
+
+
+def test_cli_variant_not_pulled(fixture_ggufs, qreg_exe):
+    result = run_qreg(qreg_exe, "inspect", "--manifest", str(fixture_ggufs.manifest_path), "Q8_0")
+    assert_one_line_error(result, 3, "variant Q8_0 is not pulled", "run 'qreg pull Q8_0'")
+
+
+def test_cli_variant_pulled(gguf_mirror, fixture_ggufs, qreg_exe):
+    manifest = load_manifest(fixture_ggufs.manifest_path)
+    pulled = hub.pull(manifest, "Q4_K_M").path
+    result = run_qreg(qreg_exe, "inspect", "--json", "--manifest", str(fixture_ggufs.manifest_path), "q4km")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["path"] == str(pulled)
+    assert data["variant_match"]["variant"] == "Q4_K_M"

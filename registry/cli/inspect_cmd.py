@@ -10,7 +10,7 @@ import click
 from registry.cli.options import json_option, make_output, manifest_option, quiet_option
 from registry.cli.output import format_table
 from registry.errors import NotFoundError
-from registry.manifest import MIB, Manifest, load_manifest
+from registry.manifest import MIB, Manifest, Variant, load_manifest
 
 
 @click.command("inspect")
@@ -48,8 +48,9 @@ def inspect_command(
       qreg inspect Q4_K_M --verify
       qreg inspect ./model.gguf --tensors --json
     """
-    from registry.inspect import build_report, sha256_file
     from registry.gguf_header import read_header
+    from registry.inspect import build_report
+    from registry.store import sha256_file
 
     output = make_output(json_mode, quiet)
     manifest = load_manifest(manifest_path)
@@ -68,8 +69,8 @@ def inspect_command(
 def resolve_target(target: str, manifest: Manifest) -> Path:
     """Return the file to inspect: the path itself if it exists, else the pulled file of a variant.
 
-    A target that names a directory component or ends in .gguf and does not exist
-    is reported as a missing file, unless its base name is a variant's file name.
+    A bare name that resolves as a variant (Q4_K_M, or the variant's file name)
+    selects the pulled file. A missing target with a directory part is a missing file.
     """
     path = Path(target)
     if os.path.lexists(path):
@@ -88,21 +89,13 @@ def resolve_target(target: str, manifest: Manifest) -> Path:
     if looks_like_path:
         raise NotFoundError(f"{target}: no such file", hint=f"run 'qreg inspect {variant.name}' for the pulled file")
 
-    return _pulled_file(manifest, variant.name)
+    return _pulled_file(manifest, variant)
 
 
-def _pulled_file(manifest: Manifest, variant_name: str) -> Path:
-    try:
-        from registry import store
-    except ImportError:
-        # NOTE: registry.store is written separately; until it exists, only paths work.
-        raise NotFoundError(
-            f"variant {variant_name}: this qreg cannot locate pulled files",
-            hint="pass the path of the .gguf file instead",
-        ) from None
+def _pulled_file(manifest: Manifest, variant: Variant) -> Path:
+    from registry.store import pulled_path
 
-    variant = manifest.resolve(variant_name)
-    pulled = store.pulled_path(manifest, variant)
+    pulled = pulled_path(manifest, variant)
     if pulled is None:
         raise NotFoundError(f"variant {variant.name} is not pulled", hint=f"run 'qreg pull {variant.name}'")
     return Path(pulled)
