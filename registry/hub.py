@@ -47,10 +47,12 @@ DEFAULT_TIMEOUT = 10.0
 DEFAULT_RETRIES = 5
 DEFAULT_BACKOFF = 1.0
 MAX_BACKOFF = 16.0
-# Received pieces are written and hashed in batches of this many bytes (and at most
-# BATCH_PIECES pieces, below the IOV_MAX of 1024 that os.writev accepts).
+# Received pieces are written and hashed in batches of this many bytes, at most
+# BATCH_PIECES pieces (below the IOV_MAX of 1024 that os.writev accepts), and at least
+# every BATCH_SECONDS, so a slow download keeps its partial file current for a resume.
 BATCH_BYTES = 4 * 1024 * 1024
 BATCH_PIECES = 512
+BATCH_SECONDS = 0.5
 WRITE_QUEUE_BATCHES = 8
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -503,17 +505,22 @@ class _Download:
         writer = _HashingWriter(self.paths.partial, self.digest)
         batch: list[bytes] = []
         batch_bytes = 0
+        flush_at = time.monotonic() + BATCH_SECONDS
         try:
             for piece in response.iter_raw():
                 batch.append(piece)
                 batch_bytes += len(piece)
-                if batch_bytes >= BATCH_BYTES or len(batch) >= BATCH_PIECES:
-                    self._submit(writer, batch, batch_bytes)
-                    batch, batch_bytes = [], 0
-            if batch:
-                self._submit(writer, batch, batch_bytes)
+                if batch_bytes >= BATCH_BYTES or len(batch) >= BATCH_PIECES or time.monotonic() >= flush_at:
+                    pending, batch, batch_bytes = (batch, batch_bytes), [], 0
+                    self._submit(writer, *pending)
+                    flush_at = time.monotonic() + BATCH_SECONDS
         finally:
-            self._close_writer(writer)
+            # Bytes that arrived before a dropped connection or Ctrl-C are kept for the resume.
+            try:
+                if batch:
+                    self._submit(writer, batch, batch_bytes)
+            finally:
+                self._close_writer(writer)
 
     def _submit(self, writer: _HashingWriter, batch: list[bytes], batch_bytes: int) -> None:
         if self.offset + batch_bytes > self.size:
@@ -701,12 +708,17 @@ def _adopt_cached_blob(variant: Variant, paths: store.VariantPaths, expected: Ex
 def _download(variant: Variant, paths: store.VariantPaths, expected: Expected, remote: RemoteFile,
               notes: _Notes, retries: int, backoff: float) -> PullResult:
     offset = store.resume_offset(paths, sha256=expected.sha256, size=expected.size, commit=remote.commit)
-    store.check_free_space(paths, expected.size - offset, expected.size)
-
     transfer = _Download(url=remote.location, paths=paths, size=expected.size,
                          headers=_download_headers(remote.location), notes=notes, retries=retries, backoff=backoff)
-    paths.partial.touch()
-    actual = transfer.run(offset)
+    try:
+        store.check_free_space(paths, expected.size - offset, expected.size)
+        paths.partial.touch()
+        actual = transfer.run(offset)
+    except BaseException:
+        # Keep received bytes for the next run to resume; an empty partial is of no use.
+        if not paths.partial.exists() or paths.partial.stat().st_size == 0:
+            store.discard_partial(paths)
+        raise
 
     if actual != expected.sha256:
         moved = store.quarantine(paths, paths.partial, actual)
