@@ -29,7 +29,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from registry.errors import NotFoundError, PortInUseError, ServerBinaryError, ServerError, UsageError
 from registry.serving import ServeSettings
@@ -52,7 +52,7 @@ ALL_GPU_LAYERS = "999"
 # (a 6,000-token input kept it busy for 20 s), so qreg waits this long, then kills.
 DEFAULT_STOP_TIMEOUT = 5.0
 DEFAULT_START_TIMEOUT = 120.0
-HEALTH_POLL_INTERVAL = 0.05
+HEALTH_POLL_INTERVAL = 0.02
 LOG_TAIL_LINES = 20
 
 # The environment variable of --api-key in llama.cpp 11434 is LLAMA_API_KEY; the
@@ -226,20 +226,65 @@ def find_server_binary(option: str | None = None) -> tuple[Path, str]:
 
 
 def probe_server_binary(path: Path) -> ServerBinary:
-    """Run `llama-server --version` and `--help` and collect what they print."""
-    version_output = _run_binary(path, "--version")
-    version = _parse_version(version_output)
+    """Run `llama-server --version` and `--help` and collect what they print.
+
+    The output is cached by the binary's path, size and modification time, so a
+    second `qreg serve` does not pay for two more process starts.
+    """
+    printed = cached_by_file("llama-server", path, lambda: _probe_outputs(path))
+    version = _parse_version(printed["version"])
     if version is None:
         raise ServerBinaryError(
             f"{path} does not look like llama-server: '--version' printed no 'version:' line",
             hint="pass --server-bin with the path of llama.cpp's llama-server",
         )
 
-    options = parse_help_options(_run_binary(path, "--help"))
+    options = parse_help_options(printed["help"])
     if not options:
         raise ServerBinaryError(f"{path} --help lists no options", hint="pass --server-bin with llama.cpp's llama-server")
     log.info("llama-server %s: version %s, %d options", path, version, len(options))
     return ServerBinary(path=path, version=version, options=options)
+
+
+def _probe_outputs(path: Path) -> dict[str, str]:
+    return {"version": _run_binary(path, "--version"), "help": _run_binary(path, "--help")}
+
+
+def cached_by_file(kind: str, path: Path, compute: Callable[[], Any], *, context: str = "") -> Any:
+    """Return compute()'s JSON-serializable result for a file, cached until its size or mtime changes.
+
+    `context` names anything else the result depends on (such as the manifest).
+    """
+    from registry.config import data_dir
+
+    try:
+        stat_result = path.stat()
+    except OSError:
+        return compute()
+    stamp = [str(path.resolve()), stat_result.st_size, stat_result.st_mtime_ns, context]
+    cache_path = data_dir() / "cache" / f"{kind}-{_path_digest(stamp[0])}.json"
+    try:
+        cached = json.loads(cache_path.read_text(encoding="utf-8"))
+        if cached.get("stamp") == stamp:
+            return cached["value"]
+    except (OSError, ValueError, AttributeError, KeyError):
+        pass
+
+    value = compute()
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps({"stamp": stamp, "value": value}), encoding="utf-8")
+        os.replace(temporary, cache_path)
+    except OSError as error:
+        log.warning("cannot write cache file %s: %s", cache_path, error)
+    return value
+
+
+def _path_digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8", errors="surrogateescape")).hexdigest()[:16]
 
 
 def _run_binary(path: Path, flag: str) -> str:
@@ -326,6 +371,38 @@ def check_flags(binary: ServerBinary, args: list[str], *, passthrough: int = 0) 
                 f"llama-server {binary.path} (version {binary.version}) does not accept '{arg} {value}'",
                 hint="use a llama.cpp build from 2025 or later (docs/llama-server.md)",
             )
+
+
+@dataclass(frozen=True)
+class PreparedLaunch:
+    """A launch spec with its binary found and checked: everything needed to start llama-server."""
+
+    binary: ServerBinary
+    binary_source: str
+    spec: LaunchSpec
+    args: list[str]
+    api_key: str | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return client_url(self.spec.host, self.spec.port)
+
+    @property
+    def command(self) -> str:
+        """Return the command as a shell line with the API key masked."""
+        return format_command(self.binary.path, self.args, api_key=self.api_key, api_key_env=self.binary.api_key_env)
+
+    def env(self) -> dict[str, str]:
+        return server_env(self.api_key, self.binary.api_key_env)
+
+
+def prepare_launch(spec: LaunchSpec, *, server_bin: str | None = None, api_key: str | None = None) -> PreparedLaunch:
+    """Find and probe llama-server, build the arguments and check that the binary accepts them."""
+    path, source = find_server_binary(server_bin)
+    binary = probe_server_binary(path)
+    args = build_server_args(spec)
+    check_flags(binary, args, passthrough=len(spec.extra_args))
+    return PreparedLaunch(binary=binary, binary_source=source, spec=spec, args=args, api_key=api_key or None)
 
 
 # --- before launch ----------------------------------------------------------------
