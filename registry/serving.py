@@ -8,12 +8,16 @@ one micro-batch, so `-b` and `-ub` must be at least the per-slot context.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from registry.errors import UsageError
+from registry.manifest import BACKENDS
 
 CACHE_TYPES = ("f16", "q8_0", "q4_0")
 DEFAULT_CTX = 8192
 DEFAULT_PARALLEL = 1
 DEFAULT_CACHE_TYPE = "f16"
+DEFAULT_BACKEND = "cpu"
 
 
 @dataclass(frozen=True)
@@ -23,7 +27,53 @@ class ServeSettings:
     ctx: int = DEFAULT_CTX
     parallel: int = DEFAULT_PARALLEL
     cache_type: str = DEFAULT_CACHE_TYPE
-    backend: str = "cpu"
+    backend: str = DEFAULT_BACKEND
+    # Where each value came from ("option", "env", "config", "default"); not part of equality.
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        ctx: int | None = None,
+        parallel: int | None = None,
+        cache_type: str | None = None,
+        backend: str | None = None,
+        detected_backend: str | None = None,
+        model_context: int | None = None,
+    ) -> ServeSettings:
+        """Resolve each setting (option > environment > config file > default) and validate it.
+
+        `model_context` is the model's trained context (the manifest's context_length);
+        when given, ctx may not exceed it. `backend` has no setting of its own: without
+        it, `detected_backend` (from registry.device) is used, else "cpu". Raises
+        UsageError (exit 2).
+        """
+        from registry.config import resolve
+
+        ctx_value, ctx_source = resolve("serve.ctx", ctx)
+        parallel_value, parallel_source = resolve("serve.parallel", parallel)
+        cache_value, cache_source = resolve("serve.cache_type", cache_type)
+        if backend is not None:
+            backend_value, backend_source = backend, "option"
+        elif detected_backend is not None:
+            backend_value, backend_source = detected_backend, "detected"
+        else:
+            backend_value, backend_source = DEFAULT_BACKEND, "default"
+
+        settings = cls(
+            ctx=validate_ctx(ctx_value, model_context, ctx_source),
+            parallel=validate_parallel(parallel_value, parallel_source),
+            cache_type=validate_cache_type(cache_value, cache_source),
+            backend=validate_backend(backend_value),
+            sources={
+                "ctx": ctx_source,
+                "parallel": parallel_source,
+                "cache_type": cache_source,
+                "backend": backend_source,
+            },
+        )
+        return settings
 
     @property
     def total_context(self) -> int:
@@ -44,3 +94,59 @@ class ServeSettings:
     def flash_attn(self) -> str | None:
         """Return `-fa` value: "on" when the V cache is quantized (llama.cpp needs it), else None."""
         return "on" if self.cache_type != "f16" else None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "ctx": self.ctx,
+            "parallel": self.parallel,
+            "cache_type": self.cache_type,
+            "backend": self.backend,
+            "total_context": self.total_context,
+            "ubatch": self.ubatch,
+            "flash_attn": self.flash_attn or "auto",
+            "sources": dict(self.sources),
+        }
+
+
+def _named(source: str, option: str, setting: str) -> str:
+    # Name the thing the user typed or set, so the error points at the right place.
+    if source == "option":
+        return option
+    return f"setting {setting} (from {source})"
+
+
+def validate_ctx(value: int, model_context: int | None, source: str = "option") -> int:
+    """Check a per-slot context: 1 to the model's trained context, in tokens."""
+    where = _named(source, "--ctx", "serve.ctx")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        upper = f" to {model_context}" if model_context else " or more"
+        raise UsageError(f"invalid {where} {value!r}: the per-slot context must be 1{upper} tokens")
+    if model_context is not None and value > model_context:
+        raise UsageError(
+            f"invalid {where} {value}: the model's context is {model_context} tokens",
+            hint=f"use a per-slot context from 1 to {model_context}",
+        )
+    return value
+
+
+def validate_parallel(value: int, source: str = "option") -> int:
+    """Check the number of parallel slots (llama-server's -np): at least 1."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        where = _named(source, "--parallel", "serve.parallel")
+        raise UsageError(f"invalid {where} {value!r}: the number of parallel slots must be 1 or more")
+    return value
+
+
+def validate_cache_type(value: str, source: str = "option") -> str:
+    """Check a KV cache type (llama-server's -ctk/-ctv): f16, q8_0 or q4_0."""
+    if value not in CACHE_TYPES:
+        where = _named(source, "--cache-type", "serve.cache_type")
+        raise UsageError(f"invalid {where} '{value}': the KV cache type must be one of {', '.join(CACHE_TYPES)}")
+    return value
+
+
+def validate_backend(value: str) -> str:
+    """Check a backend name: cpu, cuda, metal or vulkan."""
+    if value not in BACKENDS:
+        raise UsageError(f"invalid --backend '{value}': the backend must be one of {', '.join(BACKENDS)}")
+    return value
