@@ -15,7 +15,8 @@ gguf, and:
 * reads through a fixed-size window, so memory does not grow with the file;
 * skips arrays instead of materializing them: a string array is walked by its
   length prefixes only, and only arrays of at most MAX_KEPT_ITEMS items keep values;
-* caps tensors, keys and kept text (MAX_TENSORS, MAX_KEYS, MAX_TEXT_BYTES).
+* caps tensors, keys, names and kept strings (MAX_TENSORS, MAX_KEYS, MAX_NAME_BYTES,
+  MAX_STRING_BYTES).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ WINDOW_BYTES = 1 << 20
 MAX_TENSORS = 1 << 16
 MAX_KEYS = 1 << 16
 MAX_DIMS = 4  # GGML_MAX_DIMS in ggml.h; llama.cpp rejects tensors with more
-MAX_TEXT_BYTES = 16 << 20  # key names, tensor names and kept string values together
+MAX_NAME_BYTES = 16 << 20  # key and tensor names together; more is rejected
+MAX_STRING_BYTES = 16 << 20  # kept string values together; later ones become OmittedString
 MAX_KEPT_STRING_BYTES = 1 << 20  # a longer string value is kept as OmittedString
 MAX_KEPT_ITEMS = 64  # a longer array is kept as its type and length only
 
@@ -139,7 +141,7 @@ class ArrayValue:
 
 @dataclass(frozen=True)
 class OmittedString:
-    """A string value longer than MAX_KEPT_STRING_BYTES (or past the text budget), not kept."""
+    """A string value longer than MAX_KEPT_STRING_BYTES, or past MAX_STRING_BYTES in total, not kept."""
 
     length: int
 
@@ -322,7 +324,8 @@ class _HeaderParser:
 
     def __init__(self, window: _Window):
         self.window = window
-        self.text_budget = MAX_TEXT_BYTES
+        self.name_budget = MAX_NAME_BYTES
+        self.string_budget = MAX_STRING_BYTES
         self.checkpoints: dict[str, list[tuple[int, int]]] = {}
 
     def parse(self) -> GGUFHeader:
@@ -400,14 +403,13 @@ class _HeaderParser:
             raise self.window.fail(f"{what} has unknown value type {raw_type}") from None
 
     def _read_name(self, what: str) -> str:
-        """Read a key or tensor name; names always count against the text budget."""
         (length,) = self.window.unpack(_U64, f"the name length of {what}")
         self.window.require(length, f"the name of {what}")
-        if length > self.text_budget:
+        if length > self.name_budget:
             raise self.window.fail(
-                f"the name of {what} is {length:,} bytes; qreg reads at most {MAX_TEXT_BYTES:,} bytes of names"
+                f"the name of {what} is {length:,} bytes, past the {MAX_NAME_BYTES:,} bytes of names qreg reads"
             )
-        self.text_budget -= length
+        self.name_budget -= length
         return self.window.take(length, f"the name of {what}").decode("utf-8", errors="replace")
 
     def _read_value(self, vtype: gguf_constants.GGUFValueType, key: str, what: str) -> Any:
@@ -420,11 +422,11 @@ class _HeaderParser:
     def _read_string(self, what: str) -> str | OmittedString:
         (length,) = self.window.unpack(_U64, f"the string length of {what}")
         self.window.require(length, f"the string of {what}")
-        if length > MAX_KEPT_STRING_BYTES or length > self.text_budget:
+        if length > MAX_KEPT_STRING_BYTES or length > self.string_budget:
             self.window.skip(length, f"the string of {what}")
             return OmittedString(length)
 
-        self.text_budget -= length
+        self.string_budget -= length
         return self.window.take(length, f"the string of {what}").decode("utf-8", errors="replace")
 
     def _read_array(self, key: str, what: str) -> ArrayValue:

@@ -8,6 +8,7 @@ only with verify=True.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,8 +18,9 @@ from registry.gguf_header import ArrayValue, GGUFHeader, OmittedString, TensorIn
 from registry.manifest import MIB, Manifest, Model, Variant, bits_per_weight, load_manifest
 
 # A file whose size is within this of a variant's listed size_mib counts as that size.
-# The card lists sizes rounded to 0.01 MiB.
+# The card lists most sizes rounded to 0.01 MiB; see size_tolerance_bytes for the rest.
 SIZE_TOLERANCE_BYTES = int(0.02 * MIB)
+GIB = 1024 * MIB
 
 LOW_BPW = 3.0  # the model card: below ~3 BPW the models are not for production use
 TERNARY_TYPES = ("TQ1_0", "TQ2_0")
@@ -275,7 +277,21 @@ def _match_by_size(variants: Iterable[Variant], file_size: int, file_type: str |
 def _size_matches(variant: Variant, file_size: int) -> bool:
     if variant.size_bytes:
         return variant.size_bytes == file_size
-    return abs(file_size - variant.size_mib * MIB) <= SIZE_TOLERANCE_BYTES
+    return abs(file_size - variant.size_mib * MIB) <= size_tolerance_bytes(variant)
+
+
+def size_tolerance_bytes(variant: Variant) -> int:
+    """Return how far a file's size may be from the variant's size_mib and still match.
+
+    The model card prints sizes like "378.11 MB" (MiB) but BF16 as "1.12 GB" (GiB), so
+    a file matches within half of the last printed digit, and never less than 0.02 MiB.
+    """
+    listed = re.fullmatch(r"\s*\d+(?:\.(\d+))?\s*(MB|GB)\s*", variant.size_listed)
+    if listed is None:
+        return SIZE_TOLERANCE_BYTES
+    decimals = len(listed.group(1) or "")
+    unit = MIB if listed.group(2) == "MB" else GIB
+    return max(SIZE_TOLERANCE_BYTES, int(unit * 0.5 / 10**decimals))
 
 
 def _listed_size(variant: Variant) -> float:
@@ -311,7 +327,7 @@ def serving_warnings(report: InspectReport, model: Model) -> list[ServingWarning
 
 
 def _pooling_warnings(report: InspectReport, model: Model) -> list[ServingWarning]:
-    fix = f"pass --pooling {model.pooling} to llama-server"
+    fix = f"qreg serve passes --pooling {model.pooling}; pass it too when running llama-server yourself"
     key = f"{report.architecture}.pooling_type"
     if report.pooling_type_id is None:
         message = f"{key} is missing, so llama-server will not pool by the {model.pooling} token as {model.name} needs"

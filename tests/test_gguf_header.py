@@ -220,7 +220,23 @@ def test_long_string_value_omitted(tmp_path, monkeypatch):
     assert header.metadata["short"] == "ok"
 
 
-def test_qwen_vocabulary_fast(llama_bin_dir):
+def test_string_budget_omits_later(tmp_path, monkeypatch):
+    monkeypatch.setattr(gguf_header, "MAX_STRING_BYTES", 150)
+    path = write_gguf(tmp_path / "budget.gguf", metadata={"first": "a" * 100, "second": "b" * 100})
+    header = read_header(path)
+    assert header.metadata["first"] == "a" * 100
+    assert header.metadata["second"] == OmittedString(100)
+
+
+def test_name_budget_raises(tmp_path, monkeypatch):
+    path = write_gguf(tmp_path / "names.gguf", metadata={"k" * 40: 1, "q" * 40: 2})
+    monkeypatch.setattr(gguf_header, "MAX_NAME_BYTES", 60)
+    with pytest.raises(GGUFError) as caught:
+        read_header(path)
+    assert "the name of key #3 is 40 bytes, past the 60 bytes of names" in caught.value.one_line()
+
+
+def test_qwen_vocabulary_read(llama_bin_dir):
     # ggml-vocab-qwen2.gguf carries the full Qwen2 tokenizer: 151,936 tokens, 151,387 merges.
     header = read_header(llama_bin_dir.parent / "ggml-vocab-qwen2.gguf")
     assert header.metadata["tokenizer.ggml.tokens"].length == 151_936

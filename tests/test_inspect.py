@@ -204,6 +204,15 @@ def test_match_size_tolerance():
     assert "+0.03 MiB" in outside.reason
 
 
+def test_match_bf16_listed_in_gb():
+    # The card lists BF16 as "1.12 GB", so a file 4.74 MiB under 1.12 GiB still matches.
+    manifest = load_manifest()
+    near = match_variant(make_header(file_type=FT.MOSTLY_BF16, size=1_197_624_832, tensor_type=QT.BF16), manifest)
+    far = match_variant(make_header(file_type=FT.MOSTLY_BF16, size=int(1140 * MIB), tensor_type=QT.BF16), manifest)
+    assert near.confidence == "high"
+    assert far.confidence == "medium"
+
+
 def test_match_shared_size_by_file_type():
     # Q3_K_S and IQ3_S are both listed at 307.89 MiB.
     manifest = load_manifest()
@@ -438,7 +447,7 @@ def test_fixture_histogram(variant, fixture_ggufs):
     assert sum(row.parameters for row in rows.values()) == report.parameters
     assert sum(row.bytes for row in rows.values()) == report.tensor_data_bytes
 
-    # The data region holds every tensor plus at most one alignment of padding each.
+    # The data region contains every tensor plus at most one alignment of padding each.
     data_bytes = report.file_size - header.data_offset
     assert report.tensor_data_bytes <= data_bytes < report.tensor_data_bytes + header.alignment * len(header.tensors)
 
@@ -569,14 +578,15 @@ def test_override_appends_eos(fixture_ggufs, llama_server_bin):
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_twin_matched_by_size(twin_gguf_factory, qreg_exe):
-    path = twin_gguf_factory("Q4_K_M")
+@pytest.mark.parametrize("variant", ["Q4_K_M", "BF16"])
+def test_twin_matched_by_size(variant, twin_gguf_factory, qreg_exe):
+    path = twin_gguf_factory(variant)
     result = run_qreg(qreg_exe, "inspect", "--json", str(path))
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["parameters"] == PARAMETERS
-    assert data["file_type"] == "MOSTLY_Q4_K_M"
-    assert data["variant_match"]["variant"] == "Q4_K_M"
+    assert data["file_type"] == "MOSTLY_" + variant
+    assert data["variant_match"]["variant"] == variant
     assert data["variant_match"]["confidence"] == "high"
     assert data["variant_match"]["method"] == "file type and size"
 

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Time `qreg inspect --json` against `gguf-dump --json` on the same GGUF files.
+
+Both are run as installed commands, in subprocesses, several times per file; the
+median wall time of each and their ratio are printed. The default files are the
+tiny fixture Q4_K_M (Qwen vocabulary of 151,669 tokens and 151,387 merges) and,
+when they are in the fixture cache, the shape-faithful twin's BF16 and Q4_K_M
+(595,776,512 parameters); --build-twin quantizes the twin first (minutes).
+
+Usage: benchmarks/inspect.py [--runs N] [--dump-runs N] [--build-twin] [FILE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MIB = 1 << 20
+RUN_TIMEOUT_SECONDS = 600
+
+
+def installed_command(name: str) -> str:
+    """Return the console script next to this interpreter, else the one on PATH.
+
+    The script next to sys.executable is preferred because a version manager's shim
+    on PATH (pyenv) adds a shell start to every run.
+    """
+    beside = Path(sys.executable).with_name(name)
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise SystemExit(f"benchmark: command {name} not found next to {sys.executable} or on PATH")
+    return found
+
+
+def load_make_fixtures():
+    spec = importlib.util.spec_from_file_location("make_fixtures", REPO_ROOT / "scripts" / "make_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["make_fixtures"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def default_files(build_twin: bool) -> list[tuple[str, Path]]:
+    """Return (label, path) of the tiny fixture Q4_K_M and of the twin files that exist."""
+    make_fixtures = load_make_fixtures()
+    bin_dir = make_fixtures.find_llama_bin_dir()
+    tiny = make_fixtures.build_tiny(bin_dir)
+    files = [("tiny Q4_K_M, 151k vocabulary", tiny.files["Q4_K_M"])]
+
+    twin = make_fixtures.Twin(bin_dir)
+    for variant in ("BF16", "Q4_K_M"):
+        path = twin.ensure(variant) if build_twin else twin.path_of(variant)
+        if path.is_file():
+            files.append((f"twin {variant}", path))
+        else:
+            print(f"benchmark: twin {variant} not in the fixture cache; pass --build-twin to build it", file=sys.stderr)
+    return files
+
+
+def median_seconds(command: list[str], runs: int) -> float:
+    """Run a command `runs` times with its output captured; return the median wall time."""
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, timeout=RUN_TIMEOUT_SECONDS)
+        elapsed = time.perf_counter() - started
+        if result.returncode != 0:
+            stderr = result.stderr.decode(errors="replace").strip()[-500:]
+            raise SystemExit(f"benchmark: {' '.join(command)} failed (exit {result.returncode}): {stderr}")
+        times.append(elapsed)
+    return statistics.median(times)
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+        if names:
+            cpu = names[0]
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, load average {load:.2f}"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="*", type=Path, help="GGUF files to time (default: the fixture files)")
+    parser.add_argument("--runs", type=int, default=7, help="runs of qreg inspect per file (default 7)")
+    parser.add_argument("--dump-runs", type=int, default=3, help="runs of gguf-dump per file (default 3)")
+    parser.add_argument("--build-twin", action="store_true", help="quantize the twin's BF16 and Q4_K_M if missing")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    files = [(path.name, path) for path in args.files] or default_files(args.build_twin)
+    qreg = installed_command("qreg")
+    gguf_dump = installed_command("gguf-dump")
+
+    print(f"machine: {machine_line()}")
+    print(f"qreg inspect --json: {qreg} ({args.runs} runs); gguf-dump --json: {gguf_dump} ({args.dump_runs} runs)")
+    print(f"{'file':<32} {'MiB':>8} {'qreg s':>8} {'gguf-dump s':>12} {'ratio':>7}")
+    for label, path in files:
+        qreg_seconds = median_seconds([qreg, "inspect", "--json", str(path)], args.runs)
+        dump_seconds = median_seconds([gguf_dump, "--json", str(path)], args.dump_runs)
+        size = path.stat().st_size / MIB
+        ratio = dump_seconds / qreg_seconds
+        print(f"{label:<32} {size:>8.1f} {qreg_seconds:>8.3f} {dump_seconds:>12.2f} {ratio:>6.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
