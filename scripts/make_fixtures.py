@@ -642,6 +642,7 @@ def _build_tiny_into(bin_dir: Path, types: tuple[str, ...], root: Path, final: P
     started = time.monotonic()
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{final.name}.partial.", dir=root))
+    work.chmod(0o755)  # mkdtemp makes it 0700; the renamed directory should read like the twin's
     try:
         cards = card_variants()
         base = work / file_name(TINY, "BF16", False)
@@ -770,10 +771,16 @@ class Twin:
                 self.quantize_to(variant, target)
         return target
 
-    def quantize_to(self, variant: str, target: Path) -> None:
-        """Quantize the BF16 twin to variant at target, using the imatrix when the card's file did."""
+    def quantize_to(self, variant: str, target: Path, *, use_imatrix: bool | None = None) -> None:
+        """Quantize the BF16 twin to variant at target.
+
+        The imatrix is used when use_imatrix is true, or, when it is None, when the
+        card's file of that variant was quantized with one.
+        """
         self.ensure_base()
-        imatrix = self.imatrix if self.cards[variant].imatrix else None
+        if use_imatrix is None:
+            use_imatrix = self.cards[variant].imatrix
+        imatrix = self.imatrix if use_imatrix else None
         started = time.monotonic()
         quantize(self.bin_dir, self.base, target, variant, imatrix)
         log.info("quantized the twin to %s in %.1f s", variant, time.monotonic() - started)
@@ -796,8 +803,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit(143), so cleanup blocks delete partial files and stop the running tool."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_on_sigterm()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         bin_dir = args.llama_bin or find_llama_bin_dir()
