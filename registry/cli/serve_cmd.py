@@ -12,7 +12,8 @@ import click
 
 from registry.cli.options import json_option, make_output, manifest_option, quiet_option
 from registry.cli.output import Output, format_table
-from registry.errors import NotFoundError, UsageError
+from registry.cli.recommend_cmd import serving_options
+from registry.errors import NotFoundError, NothingFitsError, UsageError
 
 PASSTHROUGH_META_KEY = "qreg.serve.passthrough"
 CURL_SAMPLE_INPUT = "hello world"
@@ -90,7 +91,13 @@ def _recommended_pulled(manifest, settings, device) -> ModelChoice:
             "no variant is pulled, so there is nothing to serve",
             hint="run 'qreg recommend', then 'qreg pull VARIANT', or name a variant with --pull",
         )
-    variant = recommend(manifest, device, settings, only=pulled).pick
+    recommendation = recommend(manifest, device, settings, only=pulled)
+    variant = recommendation.pick
+    if variant is None:
+        raise NothingFitsError(
+            f"none of the pulled variants ({', '.join(sorted(pulled))}) is eligible and fits: {recommendation.reason}",
+            hint="name the variant to serve it anyway, or lower --ctx or --parallel",
+        )
     path = store.pulled_path(manifest, variant)
     if path is None:
         raise NotFoundError(f"variant {variant.name} is not pulled", hint=f"run 'qreg pull {variant.name}'")
@@ -169,9 +176,8 @@ def curl_example(url: str, api_key: str | None) -> str:
 @click.argument("variant_name", metavar="[VARIANT]", required=False)
 @click.option("--model", "model_file", type=click.Path(dir_okay=False), default=None, help="Serve this GGUF file instead of a pulled variant.")
 @click.option("--pull", is_flag=True, help="Pull (and verify) the variant first when it is not pulled yet.")
-@click.option("--ctx", "slot_ctx", type=int, default=None, help="Per-slot context in tokens; an input must be shorter than this [env: QREG_CTX; default 8192].")
-@click.option("--parallel", type=int, default=None, help="Number of parallel slots; llama-server gets -c = ctx x parallel [env: QREG_PARALLEL; default 1].")
-@click.option("--cache-type", type=str, default=None, help="KV cache type: f16, q8_0 or q4_0; a quantized type turns flash attention on [env: QREG_CACHE_TYPE; default f16].")
+@serving_options
+@click.option("--backend", metavar="NAME", default=None, help="cpu, cuda, metal or vulkan: cpu passes -ngl 0, the others -ngl 999 [default: detected, as in 'qreg recommend'].")
 @click.option("--host", default=None, help="Address to listen on [env: QREG_HOST; default 127.0.0.1].")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port to listen on [env: QREG_PORT; default 8080].")
 @click.option("--api-key", envvar="QREG_API_KEY", default=None, help="Require this API key; llama-server gets it through its environment, never its command line [env: QREG_API_KEY].")
@@ -185,13 +191,14 @@ def curl_example(url: str, api_key: str | None) -> str:
 @quiet_option
 @click.pass_context
 def serve_command(
-    ctx: click.Context,
+    click_ctx: click.Context,
     variant_name: str | None,
     model_file: str | None,
     pull: bool,
-    slot_ctx: int | None,
+    ctx: int | None,
     parallel: int | None,
     cache_type: str | None,
+    backend: str | None,
     host: str | None,
     port: int | None,
     api_key: str | None,
@@ -227,7 +234,7 @@ def serve_command(
     manifest = load_manifest(manifest_path)
     device = detect_device()
     settings = ServeSettings.from_options(
-        ctx=slot_ctx, parallel=parallel, cache_type=cache_type, backend=device.backend,
+        ctx=ctx, parallel=parallel, cache_type=cache_type, backend=backend or device.backend,
         model_context=manifest.model.context_length,
     )
     host_value, _ = resolve("serve.host", host)
@@ -244,7 +251,7 @@ def serve_command(
         port=port_value,
         add_eos_override=facts["add_eos"] is not True,
         threads=threads,
-        extra_args=tuple(ctx.meta.get(PASSTHROUGH_META_KEY, ())),
+        extra_args=tuple(click_ctx.meta.get(PASSTHROUGH_META_KEY, ())),
     )
     from registry.server import prepare_launch
 
@@ -261,7 +268,7 @@ def serve_command(
     else:
         exit_code = run_foreground(prepared, choice, output, timeout)
         if exit_code:
-            ctx.exit(exit_code)
+            click_ctx.exit(exit_code)
 
 
 def slot_note(settings) -> str:
