@@ -296,27 +296,36 @@ class _Window:
 
     def skip_strings(self, count: int, what: str) -> None:
         """Skip `count` length-prefixed strings, walking their prefixes in the buffer."""
-        unpack_u64 = _U64.unpack_from
         while count:
             local = self.fill(8, what)
-            buffer = self.buffer
-            end = len(buffer)
-
-            # The hot loop: no bounds check is needed while a string lies inside the
-            # buffer, because the buffer lies inside the file.
-            while count and local + 8 <= end:
-                string_end = local + 8 + unpack_u64(buffer, local)[0]
-                if string_end > end:
-                    break
-                local = string_end
-                count -= 1
+            local, skipped = _skip_strings_in(self.buffer, local, count)
             self.pos = self.start + local
+            count -= skipped
 
-            if count and local + 8 <= end:
+            if count and local + 8 <= len(self.buffer):
                 # This string runs past the buffer: skip its body by position.
                 (length,) = self.unpack(_U64, what)
                 self.skip(length, what)
                 count -= 1
+
+
+def _skip_strings_in(buffer: bytes, local: int, count: int) -> tuple[int, int]:
+    """Skip up to `count` strings that lie wholly in the buffer; return the new index and the number skipped.
+
+    This is the hot loop of reading a vocabulary. No check against the file size is
+    needed here, because the buffer lies inside the file.
+    """
+    end = len(buffer)
+    last_prefix = end - 8
+    unpack_u64 = _U64.unpack_from
+    for skipped in range(count):
+        if local > last_prefix:
+            return local, skipped
+        string_end = local + 8 + unpack_u64(buffer, local)[0]
+        if string_end > end:
+            return local, skipped
+        local = string_end
+    return local, count
 
 
 class _HeaderParser:
