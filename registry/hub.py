@@ -2,9 +2,9 @@
 
 huggingface_hub builds the URLs, sends the metadata requests (HEAD on `/resolve/`,
 model info, paths-info) and raises its typed errors, which are turned into qreg's.
-The bytes themselves go through httpx here, because `hf_hub_download` (huggingface_hub
-2.4.0) writes to a partial file named uniquely per run and deletes it on failure, so a
-pull could not resume across runs, and it does not check the sha256 of what it wrote.
+The bytes themselves go through httpx here. `hf_hub_download` (huggingface_hub 2.4.0)
+writes to a partial file named uniquely per run and deletes it on failure, so a pull
+could not resume across runs. It also does not check the sha256 of what it wrote.
 
 The transfer appends to a stable partial file under qreg's data dir, resumes with a
 Range request, and hashes every byte as it arrives (on a second thread, together with
@@ -47,8 +47,8 @@ DEFAULT_TIMEOUT = 10.0
 DEFAULT_RETRIES = 5
 DEFAULT_BACKOFF = 1.0
 MAX_BACKOFF = 16.0
-# Received pieces are written and hashed in batches of this many bytes, at most
-# BATCH_PIECES pieces (below the IOV_MAX of 1024 that os.writev accepts), and at least
+# Received pieces are written and hashed in batches of BATCH_BYTES, or BATCH_PIECES
+# pieces (below the IOV_MAX of 1024 that os.writev accepts). A batch is also flushed
 # every BATCH_SECONDS, so a slow download keeps its partial file current for a resume.
 BATCH_BYTES = 4 * 1024 * 1024
 BATCH_PIECES = 512
@@ -152,13 +152,13 @@ def _hub_error(error: Exception, *, repo: str, file: str | None, revision: str) 
         return NotFoundError(f"{file} not found in {repo} at revision {revision} on {endpoint}",
                              hint="run 'qreg manifest refresh' to check the manifest against the hub")
     if isinstance(error, HfHubHTTPError):
-        return HubError(f"{endpoint} answered HTTP {status} for {what}", hint="try again later")
+        return HubError(f"{endpoint} returned HTTP {status} for {what}", hint="try again later")
     return HubError(f"request to {endpoint} for {what} failed: {type(error).__name__}: {error}",
                     hint="check the network and HF_ENDPOINT, then run the same command again")
 
 
 class _Notes:
-    """Where pull and refresh send their notes: the command's Output, else the log."""
+    """The destination of pull's and refresh's notes: the command's Output, else only the log."""
 
     def __init__(self, output: Any | None):
         self.output = output
@@ -219,7 +219,7 @@ def fetch_file_metadata(
 ) -> RemoteFile:
     """HEAD the file's `/resolve/` URL: commit, LFS sha256 (X-Linked-Etag), size, download location.
 
-    A 40-hex ETag is a git blob id, not a sha256; then the sha256 comes from paths-info.
+    A 40-hex ETag is a git blob id, not a sha256, so then the sha256 comes from paths-info.
     """
     from huggingface_hub import get_hf_file_metadata
 
@@ -326,43 +326,67 @@ def fetch_repo_pins(
 # -- the transfer ------------------------------------------------------------
 
 
-class _HashingWriter:
-    """Appends batches of received bytes to the partial file and hashes them, on its own thread.
+class _Worker:
+    """A thread that applies one function to every batch put on its bounded queue, in order."""
 
-    hashlib and os.writev release the GIL, so this runs beside the thread that reads the
-    socket. `close` waits until every submitted byte is on disk (in the page cache).
-    """
-
-    def __init__(self, path: Path, digest: Any):
-        self.digest = digest
+    def __init__(self, name: str, handle: Callable[[list[bytes]], None]):
         self.error: BaseException | None = None
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._handle = handle
         self._queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_BATCHES)
-        self._thread = threading.Thread(target=self._run, name="qreg-hash-write", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, pieces: list[bytes]) -> None:
-        if self.error is not None:
-            raise self.error
+    def put(self, pieces: list[bytes] | None) -> None:
         self._queue.put(pieces)
 
-    def close(self) -> None:
-        self._queue.put(None)
+    def join(self) -> None:
         self._thread.join()
-        os.close(self._fd)
-        if self.error is not None:
-            raise self.error
 
     def _run(self) -> None:
         while (pieces := self._queue.get()) is not None:
             if self.error is not None:
-                continue  # drain the queue so submit never blocks after a failure
+                continue  # drain the queue so put never blocks after a failure
             try:
-                _write_all(self._fd, pieces)
-                for piece in pieces:
-                    self.digest.update(piece)
+                self._handle(pieces)
             except BaseException as error:  # handed to the reading thread
                 self.error = error
+
+
+class _HashingWriter:
+    """Appends batches of received bytes to the partial file and hashes them, on two threads.
+
+    hashlib and os.writev release the GIL, so writing, hashing and reading the socket
+    run side by side. `close` waits until every submitted byte is written (to the page
+    cache) and hashed.
+    """
+
+    def __init__(self, path: Path, digest: Any):
+        self.digest = digest
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._writer = _Worker("qreg-write", lambda pieces: _write_all(self._fd, pieces))
+        self._hasher = _Worker("qreg-hash", self._hash)
+
+    def _hash(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self.digest.update(piece)
+
+    def submit(self, pieces: list[bytes]) -> None:
+        self._raise_error()
+        self._writer.put(pieces)
+        self._hasher.put(pieces)
+
+    def close(self) -> None:
+        for worker in (self._writer, self._hasher):
+            worker.put(None)
+        for worker in (self._writer, self._hasher):
+            worker.join()
+        os.close(self._fd)
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        for worker in (self._writer, self._hasher):
+            if worker.error is not None:
+                raise worker.error
 
 
 def _write_all(fd: int, pieces: list[bytes]) -> None:
@@ -486,7 +510,7 @@ class _Download:
             raise NotFoundError(f"{self.paths.file} not found at its download location (HTTP 404)",
                                 hint="run the same command again; the hub may have moved the file")
         if status not in (200, 206):
-            raise HubError(f"download of {self.paths.file} answered HTTP {status}", hint="try again later")
+            raise HubError(f"download of {self.paths.file} failed with HTTP {status}", hint="try again later")
 
         if status == 200 and self.offset:
             # The server ignored Range and sends the whole file: never append it to the partial.
@@ -620,7 +644,7 @@ def pull(
 
 
 def _pin_applies(manifest: Manifest, variant: Variant, revision_option: str | None, commit: str | None) -> bool:
-    """Whether the manifest's sha256 applies: no --revision, or it resolves to the manifest's revision."""
+    """Return whether the manifest's sha256 applies: no --revision, or one that is the manifest's revision."""
     if not variant.sha256:
         return False
     if revision_option is None:

@@ -6,10 +6,10 @@ machines. It follows what huggingface_hub 2.4.0 sends and expects (file_download
 `hf_hub_url`, `get_hf_file_metadata`, `http_get`; hf_api.py: `model_info`,
 `get_paths_info`, `list_repo_tree`):
 
-- `HEAD`/`GET /{repo}/resolve/{revision}/{path}`: for an LFS file a 302 whose headers
-  carry `X-Repo-Commit`, `X-Linked-Etag` (the file's sha256, quoted), `X-Linked-Size`,
-  `ETag` (the git blob id of the LFS pointer) and `Location`, a URL on a second port
-  that stands for the hub's CDN. A different port is a different origin, so
+- `HEAD`/`GET /{repo}/resolve/{revision}/{path}`: an LFS file gets a 302. Its headers
+  are `X-Repo-Commit`, `X-Linked-Etag` (the file's sha256, quoted), `X-Linked-Size`,
+  `ETag` (the git blob id of the LFS pointer) and `Location`. The location is on a
+  second port that stands for the hub's CDN. A different port is a different origin, so
   huggingface_hub reads the metadata from the 302 and drops the Authorization header
   when it follows the redirect, as it does with the real CDN. A small non-LFS file is
   served directly with its git blob id as `ETag`.
@@ -233,9 +233,9 @@ class HubMirror:
     # -- hooks for subclasses ----------------------------------------------
 
     def intercept(self, handler: "_Handler", kind: str, repo_id: str | None, path: str | None) -> bool:
-        """Answer a request before the mirror does; return True when it was answered.
+        """Handle a request before the mirror does; return True when a response was sent.
 
-        `kind` is "api", "resolve" or "cdn". The base mirror answers everything itself.
+        `kind` is "api", "resolve" or "cdn". The base mirror handles every request itself.
         """
         return False
 
@@ -308,7 +308,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_json({"error": message}, status=status, headers=extra)
 
     def send_file_range(self, item: MirrorFile, kind: str, headers: dict[str, str]) -> None:
-        """Answer with the whole file (200) or the requested Range (206), or 416."""
+        """Send the whole file (200), the requested Range (206), or 416 for an unsatisfiable Range."""
         requested = parse_range(self.headers.get("Range"), item.size)
         if requested is None:
             self.send_hub_error(416, "RangeNotSatisfiable", "requested range not satisfiable",
@@ -338,7 +338,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """Return the [start, end) byte range a Range header asks for, or None when unsatisfiable."""
+    """Return the [start, end) byte range that a Range header requests, or None when unsatisfiable."""
     if not header:
         return 0, size
     match = _RANGE_RE.match(header.strip())
@@ -545,3 +545,38 @@ class _CdnHandler(_Handler):
             "Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}; filename=\"{name}\";",
         }
         self.send_file_range(item, "cdn", headers)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve a directory of repos (root/owner/name/...) or given files until interrupted.
+
+    Prints the endpoint on the first line of stdout, for scripts to read.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m registry.mirror", description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on [default: 127.0.0.1]")
+    parser.add_argument("--port", type=int, default=0, help="hub port [default: a free one]")
+    parser.add_argument("--cdn-port", type=int, default=0, help="port of the file bytes [default: a free one]")
+    parser.add_argument("--directory", type=Path, help="serve every root/owner/name/ folder as a repo")
+    parser.add_argument("--repo", help="repo id (owner/name) for the FILE arguments")
+    parser.add_argument("files", nargs="*", type=Path, metavar="FILE", help="files to serve under --repo")
+    args = parser.parse_args(argv)
+    if args.files and not args.repo:
+        parser.error("FILE arguments need --repo")
+
+    mirror = HubMirror(host=args.host, port=args.port, cdn_port=args.cdn_port)
+    if args.directory:
+        mirror.add_directory(args.directory)
+    if args.files:
+        mirror.add_repo(args.repo, {path.name: path for path in args.files})
+    with mirror:
+        print(mirror.endpoint, flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

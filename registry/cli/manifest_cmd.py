@@ -101,9 +101,9 @@ def refresh_command(
 ) -> None:
     """Ask the hub for every variant's size and sha256 and the repo's commit, and pin them.
 
-    By default the pins go to an overlay under qreg's config dir that is applied when
-    the manifest loads; the manifest file itself is not edited. With --output a
-    complete manifest with the pins is written there, to use with --manifest.
+    By default the pins go to an overlay under qreg's config dir, which is applied when
+    the manifest loads, so the manifest file itself is not edited. With --output, a
+    complete manifest with the pins is written there instead, to use with --manifest.
 
     \b
     Examples:
