@@ -10,8 +10,10 @@ subprocess timed from start to exit, into an empty cache:
   hf_hub_download  python -c 'hf_hub_download(...)' (no sha256 check)
   qreg pull        the installed command, sha256 pinned in a manifest and checked
 
-It also times hashlib's sha256 of the file. Prints each run and the medians with the
-ratios qreg/curl and qreg/hf_hub_download.
+The two Python runs are also timed inside the download call, after the interpreter
+started and imported its modules ("hf_hub_download call", "hub.pull call": registry.hub.pull
+with a pinned sha256), which separates the fixed start cost from the transfer. It also
+times hashlib's sha256 of the file. Prints each run and the medians with the ratios.
 
 Usage: benchmarks/pull.py [--runs N] [--file PATH] [--json]
 """
@@ -39,10 +41,23 @@ REPO = "bench/Bench-GGUF"
 PARAMETERS = 595_776_512
 RUN_TIMEOUT_SECONDS = 600
 
+# Both Python runs print the seconds spent inside the download call, after imports.
 HF_DOWNLOAD = (
-    "import sys\n"
+    "import sys, time\n"
     "from huggingface_hub import hf_hub_download\n"
+    "started = time.perf_counter()\n"
     "hf_hub_download(sys.argv[1], sys.argv[2], cache_dir=sys.argv[3], endpoint=sys.argv[4])\n"
+    "print(time.perf_counter() - started)\n"
+)
+QREG_PULL = (
+    "import sys, time\n"
+    "from registry import hub\n"
+    "from registry.manifest import load_manifest\n"
+    "import huggingface_hub.file_download, httpx\n"
+    "manifest = load_manifest(sys.argv[1])\n"
+    "started = time.perf_counter()\n"
+    "hub.pull(manifest, 'Q8_0')\n"
+    "print(time.perf_counter() - started)\n"
 )
 
 
@@ -125,11 +140,12 @@ def start_mirror(file: Path) -> tuple[subprocess.Popen, str]:
     return process, endpoint
 
 
-def timed(command: list[str], env: dict[str, str]) -> float:
+def timed(command: list[str], env: dict[str, str]) -> tuple[float, str]:
+    """Run a command; return its wall time in seconds and its stdout."""
     started = time.perf_counter()
-    subprocess.run(command, check=True, env=env, timeout=RUN_TIMEOUT_SECONDS,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return time.perf_counter() - started
+    result = subprocess.run(command, check=True, env=env, timeout=RUN_TIMEOUT_SECONDS,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return time.perf_counter() - started, result.stdout
 
 
 def one_run(file: Path, endpoint: str, manifest: Path, work: Path) -> dict[str, float]:
@@ -140,11 +156,18 @@ def one_run(file: Path, endpoint: str, manifest: Path, work: Path) -> dict[str, 
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "XDG_DATA_HOME": str(work / "data"),
            "HF_HUB_CACHE": str(work / "qreg-cache"), "XDG_CONFIG_HOME": str(work / "config")}
     url = f"{endpoint}/{REPO}/resolve/main/{file.name}"
+    hf_wall, hf_call = timed(
+        [sys.executable, "-c", HF_DOWNLOAD, REPO, file.name, str(work / "hf-cache"), endpoint], env)
+    qreg_wall, _ = timed([installed_command("qreg"), "pull", "Q8_0", "--manifest", str(manifest), "-q"], env)
+    shutil.rmtree(work / "data", ignore_errors=True)
+    shutil.rmtree(work / "qreg-cache", ignore_errors=True)
+    _, pull_call = timed([sys.executable, "-c", QREG_PULL, str(manifest)], env)
     seconds = {
-        "curl": timed(["curl", "-sSL", "-o", str(work / "curl.out"), url], env),
-        "hf_hub_download": timed(
-            [sys.executable, "-c", HF_DOWNLOAD, REPO, file.name, str(work / "hf-cache"), endpoint], env),
-        "qreg pull": timed([installed_command("qreg"), "pull", "Q8_0", "--manifest", str(manifest), "-q"], env),
+        "curl": timed(["curl", "-sSL", "-o", str(work / "curl.out"), url], env)[0],
+        "hf_hub_download": hf_wall,
+        "qreg pull": qreg_wall,
+        "hf_hub_download call": float(hf_call),
+        "hub.pull call": float(pull_call),
     }
     shutil.rmtree(work, ignore_errors=True)
     return seconds
@@ -181,6 +204,7 @@ def report(file: Path, hash_seconds: float, runs: list[dict[str, float]], as_jso
         "qreg/curl": medians["qreg pull"] / medians["curl"],
         "qreg/hf_hub_download": medians["qreg pull"] / medians["hf_hub_download"],
         "hf_hub_download/curl": medians["hf_hub_download"] / medians["curl"],
+        "hub.pull call/curl": medians["hub.pull call"] / medians["curl"],
     }
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     if as_json:

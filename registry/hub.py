@@ -81,7 +81,7 @@ def hub_token() -> str | None:
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
     if token and token.strip():
         return token.strip()
-    token_path = os.environ.get("HF_TOKEN_PATH") or os.path.join(store.hub_cache_dir().parent, "token")
+    token_path = os.environ.get("HF_TOKEN_PATH") or os.path.join(store.hf_home(), "token")
     try:
         token = Path(os.path.expanduser(token_path)).read_text().strip()
     except OSError:
@@ -110,12 +110,24 @@ class TransientError(Exception):
     """A failure worth retrying: a dropped connection, a timeout, HTTP 429 or 5xx."""
 
 
-def _is_transient(error: BaseException) -> bool:
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Return the transport error classes of httpx and of httpx2 (huggingface_hub 2.x's client)."""
     import httpx
-    import httpx2
+
+    classes: list[type[BaseException]] = [TransientError, httpx.TransportError]
+    try:
+        import httpx2
+    except ImportError:  # huggingface_hub 1.x uses httpx itself
+        pass
+    else:
+        classes.append(httpx2.TransportError)
+    return tuple(classes)
+
+
+def _is_transient(error: BaseException) -> bool:
     from huggingface_hub.errors import HfHubHTTPError
 
-    if isinstance(error, (TransientError, httpx.TransportError, httpx2.TransportError)):
+    if isinstance(error, _transport_errors()):
         return True
     if isinstance(error, HfHubHTTPError) and error.response is not None:
         return error.response.status_code == 429 or error.response.status_code >= 500
@@ -233,8 +245,6 @@ def fetch_file_metadata(
 
     try:
         metadata = with_retries(head, what=f"HEAD {url}", notes=notes, retries=retries, backoff=backoff)
-    except QregError:
-        raise
     except Exception as error:
         raise _hub_error(error, repo=repo, file=file, revision=revision) from None
 
@@ -621,6 +631,7 @@ def pull(
     """
     variant = store.as_variant(manifest, variant)
     paths = store.paths_for(manifest, variant)
+    revision = revision or None  # an empty --revision means none was given
     requested = store.check_revision(revision or manifest.model.revision or DEFAULT_REVISION)
     notes = _Notes(output)
 

@@ -199,13 +199,14 @@ class HubMirror:
     @property
     def endpoint(self) -> str:
         """The base URL to put in HF_ENDPOINT."""
-        return f"http://{self._url_host()}:{self._hub.server_address[1]}"
+        return f"http://{self.url_host()}:{self._hub.server_address[1]}"
 
     @property
     def cdn_port(self) -> int:
         return self._cdn.server_address[1]
 
-    def _url_host(self) -> str:
+    def url_host(self) -> str:
+        """Return the host name clients use in URLs: the listening address, or 127.0.0.1 for all addresses."""
         return "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
 
     def start(self) -> "HubMirror":
@@ -415,7 +416,7 @@ class _HubHandler(_Handler):
         self._redirect_to_cdn(item, headers)
 
     def _redirect_to_cdn(self, item: MirrorFile, headers: dict[str, str]) -> None:
-        host = (self.headers.get("Host") or self.mirror._url_host()).rsplit(":", 1)[0]
+        host = (self.headers.get("Host") or self.mirror.url_host()).rsplit(":", 1)[0]
         file_name = quote(item.path.rsplit("/", 1)[-1])
         headers.update(
             {

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
+import fcntl  # NOTE: POSIX only, so the store's locks do not work on Windows.
 import hashlib
 import json
 import logging
@@ -50,19 +50,24 @@ STATES = ("verified", "modified", "missing", "partial")
 # -- locations ---------------------------------------------------------------
 
 
+def hf_home() -> Path:
+    """Return HF_HOME, else XDG_CACHE_HOME/huggingface, else ~/.cache/huggingface (read now, not at import)."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
+    )
+    return Path(os.path.expandvars(os.path.expanduser(home)))
+
+
 def hub_cache_dir() -> Path:
     """Return the Hugging Face hub cache, read from the environment now (not at import).
 
     Order as in huggingface_hub 2.4.0 constants.py: HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE,
-    HF_HOME/hub, XDG_CACHE_HOME/huggingface/hub, ~/.cache/huggingface/hub.
+    then HF_HOME/hub.
     """
     explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
     if explicit:
         return Path(os.path.expandvars(os.path.expanduser(explicit)))
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
-    )
-    return Path(os.path.expandvars(os.path.expanduser(home))) / "hub"
+    return hf_home() / "hub"
 
 
 def repo_folder_name(repo_id: str) -> str:

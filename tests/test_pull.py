@@ -332,3 +332,20 @@ def test_pull_fixture_gguf(gguf_mirror, fixture_ggufs):
     assert data["digest_source"] == "manifest"
     assert data["sha256"] == fixture_ggufs.index["Q4_K_M"]["sha256"]
     assert store.pulled_path(manifest, "Q4_K_M") == Path(data["path"])
+
+
+def test_empty_revision_keeps_pin(random_repo, hf_mirror):
+    result = hub.pull(load_manifest(random_repo.manifest_path), "Q2_K", revision="")
+    assert result.digest_source == "manifest"
+    assert result.revision == "main"
+
+
+def test_token_from_hf_home_file(random_repo, hf_mirror, monkeypatch, tmp_path):
+    hf_mirror.gate(RANDOM_REPO)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
+    token_file = Path(os.environ["HF_HOME"]) / "token"
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    token_file.write_text(MIRROR_TOKEN + "\n")
+    assert hub.hub_token() == MIRROR_TOKEN
+    result = hub.pull(load_manifest(random_repo.manifest_path), "Q2_K")
+    assert result.path.is_relative_to(tmp_path / "elsewhere")
