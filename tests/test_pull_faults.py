@@ -335,3 +335,49 @@ def test_disk_full_while_writing(random_repo, hf_mirror, tmp_path, monkeypatch):
         result = hub.pull(manifest, "Q8_0", **FAST)
         assert result.resumed_from > 0
         assert store.sha256_file(result.path) == random_repo.sha256["Q8_0"]
+
+
+def run_on_terminal(command: list[str]) -> tuple[int, str]:
+    """Run a command with stderr on a pseudo-terminal; return its exit code and what it wrote there."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    main_fd, terminal_fd = pty.openpty()
+    # A new pseudo-terminal is 0 columns wide, and tqdm draws nothing in 0 columns.
+    fcntl.ioctl(terminal_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=terminal_fd)
+    os.close(terminal_fd)
+    chunks = []
+    while True:
+        try:
+            data = os.read(main_fd, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    process.communicate(timeout=120)
+    os.close(main_fd)
+    return process.returncode, b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.parametrize("flag", [None, "--quiet", "--json"])
+def test_progress_bar_only_on_terminal(random_repo, hf_mirror, qreg_exe, flag):
+    hf_mirror.trickle(random_repo.file_name("Q4_K_M"), bytes_per_second=4 * 1024 * 1024)
+    command = [qreg_exe, "pull", "Q4_K_M", "--manifest", str(random_repo.manifest_path)]
+    code, terminal = run_on_terminal(command + ([flag] if flag else []))
+    assert code == 0, terminal
+    if flag is None:
+        assert "B/s" in terminal
+        assert random_repo.file_name("Q4_K_M") in terminal
+    else:
+        assert "B/s" not in terminal
+
+
+def test_no_progress_bar_when_piped(random_repo, hf_mirror, qreg_exe):
+    result = subprocess.run([qreg_exe, "pull", "Q2_K", "--manifest", str(random_repo.manifest_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "B/s" not in result.stderr
