@@ -7,7 +7,12 @@ tiny fixture Q4_K_M (Qwen vocabulary of 151,669 tokens and 151,387 merges) and,
 when they are in the fixture cache, the shape-faithful twin's BF16 and Q4_K_M
 (595,776,512 parameters); --build-twin quantizes the twin first (minutes).
 
-Usage: benchmarks/inspect.py [--runs N] [--dump-runs N] [--build-twin] [FILE ...]
+Both commands run with a bytecode cache (PYTHONPYCACHEPREFIX in a temporary
+directory, warmed by one untimed run), as in a normal install. Without it, an
+environment that sets PYTHONDONTWRITEBYTECODE compiles qreg's modules from source on
+every run; --no-bytecode-cache measures that case.
+
+Usage: benchmarks/inspect.py [--runs N] [--dump-runs N] [--build-twin] [--no-bytecode-cache] [FILE ...]
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,18 +74,27 @@ def default_files(build_twin: bool) -> list[tuple[str, Path]]:
     return files
 
 
-def median_seconds(command: list[str], runs: int) -> float:
-    """Run a command `runs` times with its output captured; return the median wall time."""
+def median_seconds(command: list[str], runs: int, env: dict[str, str]) -> float:
+    """Run a command once untimed, then `runs` times with its output captured; return the median wall time."""
     times = []
-    for _ in range(runs):
+    for run in range(runs + 1):
         started = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, timeout=RUN_TIMEOUT_SECONDS)
+        result = subprocess.run(command, capture_output=True, timeout=RUN_TIMEOUT_SECONDS, env=env)
         elapsed = time.perf_counter() - started
         if result.returncode != 0:
             stderr = result.stderr.decode(errors="replace").strip()[-500:]
             raise SystemExit(f"benchmark: {' '.join(command)} failed (exit {result.returncode}): {stderr}")
-        times.append(elapsed)
+        if run > 0:
+            times.append(elapsed)
     return statistics.median(times)
+
+
+def run_environment(bytecode_cache: Path | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if bytecode_cache is not None:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(bytecode_cache)
+    return env
 
 
 def machine_line() -> str:
@@ -91,8 +106,11 @@ def machine_line() -> str:
             cpu = names[0]
     except OSError:
         pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, load average {load:.2f}"
+    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, load average {load_average():.2f}"
+
+
+def load_average() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -101,6 +119,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=7, help="runs of qreg inspect per file (default 7)")
     parser.add_argument("--dump-runs", type=int, default=3, help="runs of gguf-dump per file (default 3)")
     parser.add_argument("--build-twin", action="store_true", help="quantize the twin's BF16 and Q4_K_M if missing")
+    parser.add_argument(
+        "--no-bytecode-cache",
+        action="store_true",
+        help="run with the caller's environment, even if it disables writing bytecode",
+    )
     return parser.parse_args(argv)
 
 
@@ -110,15 +133,19 @@ def main(argv: list[str] | None = None) -> int:
     qreg = installed_command("qreg")
     gguf_dump = installed_command("gguf-dump")
 
-    print(f"machine: {machine_line()}")
-    print(f"qreg inspect --json: {qreg} ({args.runs} runs); gguf-dump --json: {gguf_dump} ({args.dump_runs} runs)")
-    print(f"{'file':<32} {'MiB':>8} {'qreg s':>8} {'gguf-dump s':>12} {'ratio':>7}")
-    for label, path in files:
-        qreg_seconds = median_seconds([qreg, "inspect", "--json", str(path)], args.runs)
-        dump_seconds = median_seconds([gguf_dump, "--json", str(path)], args.dump_runs)
-        size = path.stat().st_size / MIB
-        ratio = dump_seconds / qreg_seconds
-        print(f"{label:<32} {size:>8.1f} {qreg_seconds:>8.3f} {dump_seconds:>12.2f} {ratio:>6.1f}x")
+    with tempfile.TemporaryDirectory(prefix="qreg-bench-pyc-") as cache:
+        env = run_environment(None if args.no_bytecode_cache else Path(cache))
+        print(f"machine: {machine_line()}")
+        print(f"qreg inspect --json: {qreg} ({args.runs} runs); gguf-dump --json: {gguf_dump} ({args.dump_runs} runs)")
+        print(f"bytecode cache: {'off (caller environment)' if args.no_bytecode_cache else 'on'}")
+        print(f"{'file':<32} {'MiB':>8} {'qreg s':>8} {'gguf-dump s':>12} {'ratio':>7}")
+        for label, path in files:
+            qreg_seconds = median_seconds([qreg, "inspect", "--json", str(path)], args.runs, env)
+            dump_seconds = median_seconds([gguf_dump, "--json", str(path)], args.dump_runs, env)
+            size = path.stat().st_size / MIB
+            ratio = dump_seconds / qreg_seconds
+            print(f"{label:<32} {size:>8.1f} {qreg_seconds:>8.3f} {dump_seconds:>12.2f} {ratio:>6.1f}x")
+        print(f"load average after: {load_average():.2f}")
     return 0
 
 
