@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 TOOL_TIMEOUT_SECONDS = 10.0
 
-# macOS lets Metal wire at most this share of RAM unless iogpu.wired_limit_mb says
-# otherwise (Apple's recommendedMaxWorkingSetSize: about 2/3 up to 36 GiB, 3/4 above).
+# macOS lets Metal wire at most this share of RAM unless iogpu.wired_limit_mb sets
+# another limit (Apple's recommendedMaxWorkingSetSize: about 2/3 up to 36 GiB, 3/4 above).
 # NOTE: the shares are Apple's documented defaults, not measured here (no Mac available).
 METAL_SHARE_SMALL = 2 / 3
 METAL_SHARE_LARGE = 3 / 4
@@ -63,7 +63,7 @@ class Device:
     """The memory, cores and accelerators qreg plans for.
 
     `ram_available_bytes` is what a new process can use now without swapping (Linux
-    MemAvailable, capped by the cgroup limit). `cpu_features` holds the lower-case
+    MemAvailable, capped by the cgroup limit). `cpu_features` contains the lower-case
     names of the SIMD features that decide llama.cpp's CPU weight repacking (avx2,
     avx512f, neon, dotprod, i8mm); None means they could not be read.
     """

@@ -114,7 +114,7 @@ REPACKED_TYPES: dict[str, frozenset[str]] = {
 }
 
 # llama.cpp rounds the context up to a multiple of 256 (llama_context constructor)
-# and pads the number of KV cells a graph sees to a multiple of 256 (get_n_kv).
+# and pads the number of KV cells a graph attends to, to a multiple of 256 (get_n_kv).
 CONTEXT_PAD = 256
 
 # Bytes per token of the compute buffer besides the logits and the mask: about five
@@ -130,9 +130,9 @@ ACTIVATION_BYTES_PER_TOKEN = 40
 # scripts/build-llama-cpp, from VmHWM minus the other terms.
 CPU_RUNTIME_OVERHEAD = 60 * MIB
 
-# NOTE: not measured (no GPU on the machines this was built on). The CUDA and Vulkan
-# runtimes keep a context, kernels and pinned staging buffers in host memory and
-# reserve some VRAM of their own; these are round upper figures from their docs.
+# NOTE: not measured, because no GPU was available. The CUDA and Vulkan runtimes keep
+# a context, kernels and pinned staging buffers in host memory and reserve some VRAM
+# of their own. These are round figures chosen to be on the high side.
 GPU_HOST_OVERHEAD = 512 * MIB
 GPU_DEVICE_OVERHEAD = 384 * MIB
 
@@ -180,7 +180,7 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class WeightLayout:
-    """Where a variant's weight bytes sit: file size, token embedding, block matrices by type.
+    """Byte counts of a variant's weights: file size, token embedding, block matrices by type.
 
     `output_type`/`output_bytes` describe a separate output projection; None means
     the output is tied to the token embedding, as in Qwen3-Embedding.
@@ -364,7 +364,7 @@ def output_buffer_bytes(shape: ModelShape, settings: ServeSettings, tokens: int)
 
     llama_context::output_reserve always reserves logits, and with embeddings on every
     token of a batch is an output, so a t-token input needs (n_vocab + n_embd) x t
-    floats; the buffer holds at least one row per slot. It is zeroed when allocated.
+    floats, with room for at least one row per slot. It is zeroed when allocated.
     """
     outputs = max(tokens, settings.parallel)
     return (shape.n_vocab + shape.n_embd) * F32 * outputs

@@ -10,7 +10,8 @@ The policy, in order (docs/recommend.md explains each rule):
    quantized file scoring better than its own unquantized source) are noise and
    are ignored.
 3. Fit: the memory estimate plus HEADROOM must be within the budget of every pool
-   it uses (RAM; VRAM on cuda/vulkan; the Metal working-set limit on Apple Silicon).
+   it uses. The pools are RAM, VRAM on cuda and vulkan, and on Apple Silicon the
+   Metal working-set limit.
 4. The pick is the first eligible variant in quality order that fits.
 """
 

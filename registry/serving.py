@@ -22,13 +22,13 @@ DEFAULT_BACKEND = "cpu"
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """How llama-server will run: per-slot context, slots, KV cache type and backend."""
+    """The llama-server settings that decide memory: per-slot context, slots, KV cache type, backend."""
 
     ctx: int = DEFAULT_CTX
     parallel: int = DEFAULT_PARALLEL
     cache_type: str = DEFAULT_CACHE_TYPE
     backend: str = DEFAULT_BACKEND
-    # Where each value came from ("option", "env", "config", "default"); not part of equality.
+    # The source of each value ("option", "env", "config", "detected" or "default"), ignored by ==.
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
