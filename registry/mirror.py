@@ -1,8 +1,8 @@
 """An HTTP server that speaks enough of the Hugging Face hub protocol to download from it.
 
-The tests point HF_ENDPOINT at it on 127.0.0.1; the same server bound to another
-address could serve a directory of repos (or files taken from a local store) to other
-machines. It follows what huggingface_hub 2.4.0 sends and expects (file_download.py:
+The tests point HF_ENDPOINT at it on 127.0.0.1. Bound to another address, the same
+server can serve a directory of repos, or a Hugging Face cache such as qreg's store, to
+other machines (`python -m registry.mirror --host 0.0.0.0 --hf-cache DIR`). It follows what huggingface_hub 2.4.0 sends and expects (file_download.py:
 `hf_hub_url`, `get_hf_file_metadata`, `http_get`; hf_api.py: `model_info`,
 `get_paths_info`, `list_repo_tree`):
 
@@ -34,6 +34,7 @@ import hashlib
 import http.server
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -82,7 +83,7 @@ class MirrorRepo:
     gated: bool = False
 
     def resolve(self, revision: str) -> str | None:
-        """Return the commit id a branch name or commit id stands for, or None."""
+        """Return the commit id of a branch name or commit id, or None."""
         if revision in self.refs:
             return self.refs[revision]
         if revision in self.commits:
@@ -122,6 +123,21 @@ def describe_file(repo_path: str, source: Path, sha256: str | None = None) -> Mi
     return MirrorFile(repo_path, source, size, digest, False, git_blob_id(source.read_bytes()), 0)
 
 
+def _snapshot_files(snapshot: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """Return a cached snapshot's files (repo path -> blob) and the sha256 that blob names give."""
+    files: dict[str, Path] = {}
+    sha256s: dict[str, str] = {}
+    for link in sorted(snapshot.rglob("*")):
+        if not link.is_file():
+            continue
+        repo_path = link.relative_to(snapshot).as_posix()
+        blob = Path(os.path.realpath(link))
+        files[repo_path] = blob
+        if re.fullmatch(r"[0-9a-f]{64}", blob.name):
+            sha256s[repo_path] = blob.name
+    return files, sha256s
+
+
 def commit_id_for(repo_id: str, files: Iterable[MirrorFile]) -> str:
     """Derive a stable 40-hex commit id from the repo name and its files' digests."""
     digest = hashlib.sha1(repo_id.encode())
@@ -152,11 +168,11 @@ class HubMirror:
         files: dict[str, Path],
         *,
         revision: str | None = None,
-        branch: str = DEFAULT_BRANCH,
+        branch: str | None = DEFAULT_BRANCH,
         gated: bool = False,
         sha256s: dict[str, str] | None = None,
     ) -> str:
-        """Add a commit with these files (repo path -> file on disk) and point `branch` at it.
+        """Add a commit with these files (repo path -> file on disk) and point `branch` (if any) at it.
 
         Returns the commit id: `revision` when given (40 hex), else one derived from
         the files. Pass `sha256s` to skip hashing files whose digests are known.
@@ -170,7 +186,8 @@ class HubMirror:
         with self._lock:
             repo = self.repos.setdefault(repo_id, MirrorRepo(repo_id))
             repo.commits[commit] = described
-            repo.refs[branch] = commit
+            if branch is not None:
+                repo.refs[branch] = commit
             repo.gated = repo.gated or gated
             for item in described.values():
                 if item.lfs:
@@ -189,6 +206,27 @@ class HubMirror:
             repo_id = f"{repo_dir.parent.name}/{repo_dir.name}"
             self.add_repo(repo_id, files)
             added.append(repo_id)
+        return added
+
+    def add_hf_cache(self, cache_dir: Path) -> list[str]:
+        """Add the model repos of a Hugging Face cache (such as qreg's store) with their commits and branches.
+
+        Blobs named by a sha256 are not hashed again, so serving a large store starts at once.
+        """
+        added = []
+        for repo_dir in sorted(Path(cache_dir).glob("models--*--*")):
+            repo_id = "/".join(repo_dir.name.split("--")[1:])
+            commits = {}
+            for snapshot in sorted(p for p in (repo_dir / "snapshots").glob("*") if _COMMIT_RE.match(p.name)):
+                commits[snapshot.name] = _snapshot_files(snapshot)
+            for commit, (files, sha256s) in commits.items():
+                self.add_repo(repo_id, files, revision=commit, branch=None, sha256s=sha256s)
+            for ref in sorted((repo_dir / "refs").rglob("*")) if (repo_dir / "refs").is_dir() else []:
+                commit = ref.read_text().strip() if ref.is_file() else ""
+                if commit in commits:
+                    self.repos[repo_id].refs[str(ref.relative_to(repo_dir / "refs").as_posix())] = commit
+            if commits:
+                added.append(repo_id)
         return added
 
     def blob(self, sha256: str) -> MirrorFile | None:
@@ -560,6 +598,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="hub port [default: a free one]")
     parser.add_argument("--cdn-port", type=int, default=0, help="port of the file bytes [default: a free one]")
     parser.add_argument("--directory", type=Path, help="serve every root/owner/name/ folder as a repo")
+    parser.add_argument("--hf-cache", type=Path, help="serve the model repos of a Hugging Face cache (HF_HUB_CACHE)")
     parser.add_argument("--repo", help="repo id (owner/name) for the FILE arguments")
     parser.add_argument("files", nargs="*", type=Path, metavar="FILE", help="files to serve under --repo")
     args = parser.parse_args(argv)
@@ -569,6 +608,8 @@ def main(argv: list[str] | None = None) -> None:
     mirror = HubMirror(host=args.host, port=args.port, cdn_port=args.cdn_port)
     if args.directory:
         mirror.add_directory(args.directory)
+    if args.hf_cache:
+        mirror.add_hf_cache(args.hf_cache)
     if args.files:
         mirror.add_repo(args.repo, {path.name: path for path in args.files})
     with mirror:

@@ -154,3 +154,22 @@ def test_add_directory(tmp_path):
 )
 def test_parse_range(header, expected):
     assert parse_range(header, 100) == expected
+
+
+def test_serve_pulled_store(random_repo, hf_mirror, tmp_path, monkeypatch):
+    from registry import hub, store
+    from registry.manifest import load_manifest
+
+    manifest = load_manifest(random_repo.manifest_path)
+    hub.pull(manifest, "Q4_K_M")
+    first_cache = store.hub_cache_dir()
+
+    with HubMirror() as second:
+        assert second.add_hf_cache(first_cache) == [random_repo.repo]
+        assert second.repos[random_repo.repo].refs["main"] == random_repo.commit
+        monkeypatch.setenv("HF_ENDPOINT", second.endpoint)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "second-cache"))
+        result = hub.pull(manifest, "Q4_K_M")
+    assert result.path.is_relative_to(tmp_path / "second-cache")
+    assert store.sha256_file(result.path) == random_repo.sha256["Q4_K_M"]
+    assert result.commit == random_repo.commit
