@@ -428,12 +428,19 @@ class _Download:
     retried: int = 0
     digest: Any = None
     bar: Any = None
+    client: Any = None
 
     def run(self, offset: int) -> str:
         """Fetch the bytes after `offset`, retrying transient failures; return the sha256 hex."""
+        import httpx
+
         self._start(offset)
+        timeout = httpx.Timeout(_timeout("HF_HUB_DOWNLOAD_TIMEOUT"))
         try:
-            self._loop()
+            # One client for every attempt: building one loads the CA bundle, about 50 ms.
+            with httpx.Client(follow_redirects=True, timeout=timeout) as client:
+                self.client = client
+                self._loop()
         finally:
             if self.bar is not None:
                 self.bar.close()
@@ -490,17 +497,13 @@ class _Download:
             self.bar.reset(total=self.size)
 
     def _attempt(self) -> None:
-        import httpx
-
         headers = dict(self.headers)
         headers["Accept-Encoding"] = "identity"
         if self.offset:
             headers["Range"] = f"bytes={self.offset}-"
-        timeout = httpx.Timeout(_timeout("HF_HUB_DOWNLOAD_TIMEOUT"))
-        with httpx.Client(follow_redirects=True, timeout=timeout) as client:
-            with client.stream("GET", self.url, headers=headers) as response:
-                self._check_response(response)
-                self._receive(response)
+        with self.client.stream("GET", self.url, headers=headers) as response:
+            self._check_response(response)
+            self._receive(response)
 
         if self.offset < self.size:
             # Only a body without Content-Length ends like this: the server closed early.
