@@ -15,8 +15,8 @@ qreg's own state lives under `registry.config.data_dir()`, in one folder per rep
     locks/<repo folder>/<file>.lock         held (flock) by the process that pulls, verifies or removes
     quarantine/<repo folder>/<file>.<sha256 prefix>  the last copy that failed verification
 
-A pulled variant counts as verified while its blob has the size and modification time
-recorded when its sha256 was last checked; `verify_variant` hashes it again.
+A pulled variant counts as verified while its blob keeps the size and modification time
+recorded when its sha256 was last checked. `verify_variant` hashes it again.
 """
 
 from __future__ import annotations
