@@ -19,6 +19,8 @@ from registry.errors import EmbedError, UsageError
 log = logging.getLogger(__name__)
 
 EOS_TEXT = "<|endoftext|>"
+# The task Qwen3-Embedding's reference code uses when a query comes without one.
+DEFAULT_TASK = "Given a web search query, retrieve relevant passages that answer the query"
 MIN_DIMENSIONS = 32  # the smallest Matryoshka dimension Qwen3-Embedding was trained for
 REQUEST_BATCH = 32  # inputs per /v1/embeddings request
 DEFAULT_TIMEOUT = 300.0
@@ -117,7 +119,7 @@ class EmbedClient:
             response = self._http.request(method, path, **kwargs)
         except httpx.ConnectError:
             raise EmbedError(
-                f"no server answers at {self.url}", hint="start one with 'qreg serve', or pass --url"
+                f"no server responds at {self.url}", hint="start one with 'qreg serve', or pass --url"
             ) from None
         except httpx.TimeoutException:
             raise EmbedError(f"{method} {self.url}{path} timed out", hint="retry, or send fewer or shorter texts") from None
@@ -170,7 +172,7 @@ class EmbedClient:
         return n_ctx if isinstance(n_ctx, int) and n_ctx > 0 else None
 
     def prepare(self, text: str) -> str:
-        """Return the text to send so the model sees exactly one EOS at the end."""
+        """Return the text to send so that the model gets exactly one EOS at the end of the input."""
         bare = strip_eos(text)
         return bare if self.server_adds_eos() else bare + EOS_TEXT
 

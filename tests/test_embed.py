@@ -274,7 +274,7 @@ def test_cli_no_server():
     url = f"http://127.0.0.1:{free_port()}"
     result = run_embed("--url", url, "text")
     assert result.exit_code == EmbedError.exit_code
-    assert f"no server answers at {url}" in result.stderr
+    assert f"no server responds at {url}" in result.stderr
     assert "qreg serve" in result.stderr
 
 
@@ -304,3 +304,23 @@ def test_cli_api_key_wrong(keyed_url):
     result = run_embed("--url", keyed_url, "--api-key", "wrong", "text")
     assert result.exit_code == EmbedError.exit_code
     assert "wrong" not in result.stderr
+
+
+def test_cli_query_gets_instruction_documents_not(eos_url, plain_url):
+    task = "Given a question, retrieve passages that answer it"
+    result = run_embed("--url", eos_url, "--json", "--instruct", task, "--query", "what rose?", "Revenue rose.")
+    assert result.exit_code == 0, result.stderr
+    inputs = json.loads(result.stdout)["inputs"]
+    assert [item["text"] for item in inputs] == ["what rose?", "Revenue rose."]
+    assert inputs[0]["sent"] == f"Instruct: {task}\nQuery:what rose?"
+    assert inputs[1]["sent"] == "Revenue rose."
+
+    document = raw_vector(plain_url, "Revenue rose." + EOS_TEXT)
+    assert cosine(inputs[1]["embedding"], document) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_cli_query_default_task(eos_url):
+    result = run_embed("--url", eos_url, "--json", "--query", "what is GGUF")
+    assert result.exit_code == 0, result.stderr
+    sent = json.loads(result.stdout)["inputs"][0]["sent"]
+    assert sent == "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:what is GGUF"

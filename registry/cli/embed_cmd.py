@@ -20,19 +20,33 @@ def _default_url() -> str:
     return client_url(host, port)
 
 
-def _read_texts(texts: tuple[str, ...], file_path: str | None) -> list[str]:
+def _read_texts(texts: tuple[str, ...], file_path: str | None, *, stdin_allowed: bool) -> list[str]:
     collected = list(texts)
     if file_path is not None:
         collected += _lines(click.open_file(file_path, "r", encoding="utf-8"), file_path)
-    elif not collected and not sys.stdin.isatty():
+    elif not collected and stdin_allowed and not sys.stdin.isatty():
         collected = _lines(sys.stdin, "stdin")
-
-    if not collected:
-        raise UsageError("no text to embed", hint="pass texts as arguments, --file PATH, or pipe them on stdin")
-    for index, text in enumerate(collected):
-        if not text.strip():
-            raise UsageError(f"text {index + 1} is empty", hint="remove it; an empty input has no meaning to embed")
     return collected
+
+
+def _with_instructions(queries: tuple[str, ...], documents: list[str], task: str | None) -> list[tuple[str, str]]:
+    """Return (text to send, text to show) for every input, queries first, with the instruction on the queries.
+
+    Without --query, --instruct applies to every text: the caller says they are all queries.
+    """
+    from registry.embed import DEFAULT_TASK, query_with_instruction
+
+    if not queries and task is not None:
+        queries, documents = tuple(documents), []
+    shown = list(queries) + documents
+    if not shown:
+        raise UsageError("no text to embed", hint="pass texts as arguments, --query, --file PATH, or pipe them on stdin")
+    for index, text in enumerate(shown):
+        if not text.strip():
+            raise UsageError(f"text {index + 1} is empty", hint="remove it, since an empty input has nothing to embed")
+
+    sent = [query_with_instruction(task or DEFAULT_TASK, query) for query in queries] + documents
+    return list(zip(sent, shown))
 
 
 def _lines(stream, name: str) -> list[str]:
@@ -60,7 +74,8 @@ def _render(data: dict) -> str:
 @click.option("--file", "file_path", type=click.Path(dir_okay=False, allow_dash=True), help="Read texts from this file, one a line ('-' for stdin); blank lines are skipped.")
 @click.option("--url", default=None, help="Base URL of the llama-server [default: from serve.host and serve.port, http://127.0.0.1:8080].")
 @click.option("--api-key", envvar="QREG_API_KEY", default=None, help="API key the server was started with [env: QREG_API_KEY].")
-@click.option("--instruct", "task", default=None, help="Format each text as a query for this task: 'Instruct: TASK\\nQuery:TEXT'.")
+@click.option("--query", "queries", multiple=True, help="A query to embed with the task instruction, before the TEXTS (repeatable).")
+@click.option("--instruct", "task", default=None, help="Task of the instruction, sent as 'Instruct: TASK\\nQuery:TEXT'; applies to --query texts, or to all TEXTS without --query [default with --query: Qwen's web search task].")
 @click.option("--dimensions", type=int, default=None, help="Keep the first N dimensions and re-normalize (32 to the model's 1024).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True, help="Seconds to wait for each request.")
 @json_option
@@ -68,6 +83,7 @@ def _render(data: dict) -> str:
 def embed_command(
     texts: tuple[str, ...],
     file_path: str | None,
+    queries: tuple[str, ...],
     url: str | None,
     api_key: str | None,
     task: str | None,
@@ -78,6 +94,9 @@ def embed_command(
 ) -> None:
     """Embed TEXTS with a running server: one text prints its vector, two or more their cosine similarities.
 
+    Qwen3-Embedding expects retrieval queries with a one-sentence task instruction and
+    documents without one: pass queries with --query (and the task with --instruct).
+
     Each input is sent with exactly one <|endoftext|> at its end, which Qwen3-Embedding's
     last-token pooling needs; qreg queries the server's /tokenize to learn whether it appends one itself.
     Without TEXTS and --file, texts are read from stdin, one a line.
@@ -85,29 +104,28 @@ def embed_command(
     \b
     Examples:
       qreg embed "first text" "second text"
-      qreg embed --instruct "Given a web search query, retrieve relevant passages" "what is GGUF"
+      qreg embed --query "what is GGUF" "GGUF is a file format for models" "The cat sleeps"
+      qreg embed --instruct "Given a question, retrieve passages that answer it" "what is GGUF"
       qreg embed --file texts.txt --json --dimensions 256
     """
-    from registry.embed import EmbedClient, check_dimensions, cosine_matrix, preview, query_with_instruction
+    from registry.embed import EmbedClient, check_dimensions, cosine_matrix, preview
 
     output = make_output(json_mode, quiet)
-    collected = _read_texts(texts, file_path)
-    if task is not None:
-        collected = [query_with_instruction(task, text) for text in collected]
+    inputs = _with_instructions(queries, _read_texts(texts, file_path, stdin_allowed=not queries), task)
 
     base_url = url or _default_url()
     with EmbedClient(base_url, api_key=api_key, timeout=timeout) as client:
         if dimensions is not None:
             check_dimensions(dimensions, _embedding_length(client))
-        embeddings = client.embed(collected, dimensions=dimensions)
+        embeddings = client.embed([sent for sent, _shown in inputs], dimensions=dimensions)
 
     vectors = [item.vector for item in embeddings]
     data = {
         "url": base_url,
         "dimensions": len(vectors[0]),
         "inputs": [
-            {"text": item.text, "preview": preview(item.text), "tokens": item.tokens, "embedding": item.vector}
-            for item in embeddings
+            {"text": shown, "sent": item.sent, "preview": preview(shown), "tokens": item.tokens, "embedding": item.vector}
+            for (_sent, shown), item in zip(inputs, embeddings)
         ],
         "similarity": cosine_matrix(vectors) if len(vectors) > 1 else None,
     }

@@ -1,0 +1,345 @@
+#!/usr/bin/env python3
+"""Time `qreg serve` against llama-server started directly, and compare embedding throughput.
+
+Both measurements use the shape-faithful twin of Qwen3-Embedding-0.6B, Q4_K_M and
+Q8_0 by default. The twin has every tensor shape of the real model and random weights,
+quantized by llama-quantize (docs/fixtures.md).
+
+1. Start time: the wall time from spawning the process to the first 200 from
+   /health, polled every 5 ms by this script, for `qreg serve --model FILE` and for
+   llama-server run directly with the command line `qreg serve --dry-run` prints.
+   qreg's first start on a file reads its GGUF header ("cold"); later starts use the
+   cached facts ("warm"). qreg runs with a bytecode cache, as in a normal install.
+2. Throughput: 64 requests of 256 tokens each (EOS included), from 8 client threads,
+   against qreg's default flags, against `qreg serve --ctx 4096 --parallel 8` (the
+   card's -c with qreg's batch sizes), and against the card's own command line
+   (`-c 32768 -np 8`, default batch). Every text is different, so no slot reuses a
+   cached prefix. Then single inputs of 600, 2,000 and 4,100 tokens show which
+   lengths each command line serves.
+
+Results are printed as Markdown tables and, with --json FILE, written as JSON.
+
+Usage: benchmarks/serve.py [--variants Q4_K_M,Q8_0] [--runs N] [--requests N] [--json FILE] [--build-twin]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import importlib.util
+import json
+import os
+import platform
+import random
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Python puts this script's folder first on sys.path, where benchmarks/inspect.py would
+# shadow the standard library's inspect module that httpx's dependencies import.
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+
+import httpx  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EOS_TEXT = "<|endoftext|>"
+POLL_SECONDS = 0.005
+START_TIMEOUT = 300.0
+REQUEST_TIMEOUT = 900.0
+TOKENS_PER_REQUEST = 256
+CLIENT_THREADS = 8
+LONG_INPUTS = (600, 2000, 4100)
+CARD_ARGS = ("--embedding", "--pooling", "last", "-c", "32768", "-np", "8")
+
+# Common English words that Qwen's tokenizer encodes as one token each with a leading space.
+WORDS = (
+    "the of and to in is was for on that with as by at from his an were are which this be or has had "
+    "not but also have one its new after who they two her she been other when there all during into "
+    "school time may years more most only over city some world would where later up such used many can "
+    "state about national out known university united then made first"
+).split()
+
+
+def load_make_fixtures():
+    spec = importlib.util.spec_from_file_location("make_fixtures", REPO_ROOT / "scripts" / "make_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["make_fixtures"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def installed_command(name: str) -> str:
+    beside = Path(sys.executable).with_name(name)
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise SystemExit(f"benchmark: command {name} not found next to {sys.executable} or on PATH")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def health_status(url: str) -> int | None:
+    try:
+        return httpx.get(f"{url}/health", timeout=1.0).status_code
+    except httpx.TransportError:
+        return None
+
+
+class Server:
+    """A server process (qreg serve or llama-server) on a free port, stopped on exit."""
+
+    def __init__(self, command: list[str], port: int, env: dict[str, str]):
+        self.url = f"http://127.0.0.1:{port}"
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+        )
+
+    def wait_healthy(self) -> float:
+        deadline = self.started + START_TIMEOUT
+        while health_status(self.url) != 200:
+            if self.process.poll() is not None:
+                error = self.process.stderr.read().decode(errors="replace")[-1000:]
+                raise SystemExit(f"benchmark: server exited with {self.process.returncode}: {error}")
+            if time.perf_counter() > deadline:
+                raise SystemExit(f"benchmark: {self.url} was not healthy within {START_TIMEOUT} s")
+            time.sleep(POLL_SECONDS)
+        return time.perf_counter() - self.started
+
+    def peak_rss_mib(self) -> float | None:
+        """Return VmHWM of the llama-server process (the child, when this is qreg)."""
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children")
+        if children.is_file() and children.read_text().split():
+            pid = int(children.read_text().split()[0])
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            return None
+        return None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process.stderr.close()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def qreg_env(home: Path, bytecode_cache: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(bytecode_cache)
+    for name in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME"):
+        env[name] = str(home / name.lower())
+    for name in ("QREG_CTX", "QREG_PARALLEL", "QREG_CACHE_TYPE", "QREG_API_KEY", "QREG_HOST", "QREG_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def dry_run_command(qreg: str, model: Path, server_bin: Path, port: int, env: dict[str, str], *options: str) -> list[str]:
+    result = subprocess.run(
+        [qreg, "serve", "--model", str(model), "--server-bin", str(server_bin), "--port", str(port), *options, "--dry-run", "-q"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"benchmark: qreg serve --dry-run failed: {result.stderr}")
+    return shlex.split(result.stdout.strip())
+
+
+# --- start time -------------------------------------------------------------------------------
+
+
+def time_starts(qreg: str, model: Path, server_bin: Path, runs: int, home: Path, bytecode: Path) -> dict:
+    """Return the start times (s) of llama-server direct, qreg cold and qreg warm."""
+    env = qreg_env(home, bytecode)
+    subprocess.run([qreg, "--help"], capture_output=True, env=env, check=True)  # fill the bytecode cache
+
+    direct, cold, warm = [], [], []
+    for run in range(runs):
+        shutil.rmtree(home / "xdg_data_home", ignore_errors=True)  # forget qreg's cached header facts
+        for label, times in (("cold", cold), ("warm", warm), ("direct", direct)):
+            port = free_port()
+            if label == "direct":
+                command = dry_run_command(qreg, model, server_bin, port, env)
+            else:
+                command = [qreg, "serve", "--model", str(model), "--server-bin", str(server_bin), "--port", str(port), "-q"]
+            with Server(command, port, env) as server:
+                times.append(server.wait_healthy())
+    return {"direct": direct, "qreg_cold": cold, "qreg_warm": warm}
+
+
+# --- throughput --------------------------------------------------------------------------------
+
+
+def make_texts(count: int, words: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(words)) for _ in range(count)]
+
+
+def token_count(url: str, text: str) -> int:
+    response = httpx.post(f"{url}/tokenize", json={"content": text, "add_special": True}, timeout=60)
+    response.raise_for_status()
+    return len(response.json()["tokens"])
+
+
+def run_load(url: str, texts: list[str]) -> dict:
+    """Post each text as one request from CLIENT_THREADS threads; return time, token rate and failures."""
+    with httpx.Client(timeout=REQUEST_TIMEOUT) as client:
+
+        def post(text: str) -> tuple[int, int]:
+            response = client.post(f"{url}/v1/embeddings", json={"input": [text]})
+            tokens = response.json().get("usage", {}).get("prompt_tokens", 0) if response.status_code == 200 else 0
+            return response.status_code, tokens
+
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(CLIENT_THREADS) as pool:
+            results = list(pool.map(post, texts))
+        elapsed = time.perf_counter() - started
+
+    tokens = sum(count for _status, count in results)
+    failed = sum(1 for status, _count in results if status != 200)
+    return {"seconds": elapsed, "tokens": tokens, "tokens_per_second": tokens / elapsed, "failed": failed}
+
+
+def long_inputs(url: str, appends_eos: bool) -> dict[int, int]:
+    """Post one input per length in LONG_INPUTS (tokens with EOS); return length -> HTTP status."""
+    statuses = {}
+    for length in LONG_INPUTS:
+        text = " ".join(["the"] * (length - 1)) + ("" if appends_eos else EOS_TEXT)
+        response = httpx.post(f"{url}/v1/embeddings", json={"input": [text]}, timeout=REQUEST_TIMEOUT)
+        statuses[length] = response.status_code
+    return statuses
+
+
+def throughput(qreg: str, model: Path, server_bin: Path, requests: int, home: Path, bytecode: Path) -> dict:
+    env = qreg_env(home, bytecode)
+    setups = {
+        "qreg defaults (--ctx 8192 --parallel 1)": ("qreg", ()),
+        "qreg --ctx 4096 --parallel 8": ("qreg", ("--ctx", "4096", "--parallel", "8")),
+        "card: -c 32768 -np 8, default batch": ("card", ()),
+    }
+    results = {}
+    for seed, (label, (kind, options)) in enumerate(setups.items()):
+        port = free_port()
+        if kind == "qreg":
+            command = [qreg, "serve", "--model", str(model), "--server-bin", str(server_bin), "--port", str(port), "-q", *options]
+        else:
+            command = [str(server_bin), "-m", str(model), *CARD_ARGS, "--host", "127.0.0.1", "--port", str(port)]
+        appends_eos = kind == "qreg"
+
+        with Server(command, port, env) as server:
+            server.wait_healthy()
+            # Every setup embeds the same tokens: 255 words and one EOS, appended by the server or here.
+            texts = make_texts(requests, TOKENS_PER_REQUEST - 1, seed=1000 + seed)
+            if not appends_eos:
+                texts = [text + EOS_TEXT for text in texts]
+            mean_tokens = statistics.mean(token_count(server.url, text) for text in texts[:8])
+            load = run_load(server.url, texts)
+            load["mean_tokens_sampled"] = mean_tokens
+            load["long_inputs"] = long_inputs(server.url, appends_eos)
+            load["peak_rss_mib"] = server.peak_rss_mib()
+        results[label] = load
+        print(f"  {label}: {load['tokens_per_second']:.0f} tokens/s, long inputs {load['long_inputs']}", file=sys.stderr)
+    return results
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def machine_line() -> str:
+    cpu = platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, load average {load:.2f}"
+
+
+def print_report(report: dict) -> None:
+    print(f"machine: {report['machine']}")
+    print("\n### Start time to healthy (s)\n")
+    print("| variant | llama-server direct | qreg serve, cold | qreg serve, warm | warm - direct |")
+    print("|---|---:|---:|---:|---:|")
+    for variant, starts in report["starts"].items():
+        direct, cold, warm = (statistics.median(starts[key]) for key in ("direct", "qreg_cold", "qreg_warm"))
+        print(f"| {variant} | {direct:.3f} | {cold:.3f} | {warm:.3f} | {warm - direct:+.3f} |")
+
+    print(f"\n### Throughput: {report['requests']} requests of {TOKENS_PER_REQUEST} tokens, {CLIENT_THREADS} client threads\n")
+    lengths = " | ".join(f"{length} tokens" for length in LONG_INPUTS)
+    print(f"| variant | command line | tokens/s | failed | peak RSS MiB | {lengths} |")
+    print("|---|---|---:|---:|---:|" + "---:|" * len(LONG_INPUTS))
+    for variant, setups in report["throughput"].items():
+        for label, load in setups.items():
+            statuses = " | ".join(str(load["long_inputs"][length]) for length in LONG_INPUTS)
+            rss = f"{load['peak_rss_mib']:.0f}" if load["peak_rss_mib"] else "-"
+            print(f"| {variant} | {label} | {load['tokens_per_second']:.0f} | {load['failed']} | {rss} | {statuses} |")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default="Q4_K_M,Q8_0", help="twin variants to use (default Q4_K_M,Q8_0)")
+    parser.add_argument("--runs", type=int, default=5, help="start-time runs per command (default 5)")
+    parser.add_argument("--requests", type=int, default=64, help="requests per throughput run (default 64)")
+    parser.add_argument("--skip-throughput", action="store_true", help="measure start times only")
+    parser.add_argument("--build-twin", action="store_true", help="quantize missing twin variants first (minutes)")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    make_fixtures = load_make_fixtures()
+    bin_dir = make_fixtures.find_llama_bin_dir()
+    server_bin = bin_dir / "llama-server"
+    twin = make_fixtures.Twin(bin_dir)
+    qreg = installed_command("qreg")
+
+    report = {"machine": machine_line(), "requests": args.requests, "starts": {}, "throughput": {}}
+    with tempfile.TemporaryDirectory(prefix="qreg-bench-serve.") as scratch:
+        home, bytecode = Path(scratch) / "home", Path(scratch) / "pycache"
+        for variant in args.variants.split(","):
+            model = twin.ensure(variant) if args.build_twin else twin.path_of(variant)
+            if not model.is_file():
+                print(f"benchmark: twin {variant} is not in the fixture cache; pass --build-twin", file=sys.stderr)
+                continue
+            print(f"{variant}: start times", file=sys.stderr)
+            report["starts"][variant] = time_starts(qreg, model, server_bin, args.runs, home, bytecode)
+            if not args.skip_throughput:
+                print(f"{variant}: throughput", file=sys.stderr)
+                report["throughput"][variant] = throughput(qreg, model, server_bin, args.requests, home, bytecode)
+
+    print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
