@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Time `qreg inspect --json` against `gguf-dump --json` on the same GGUF files.
 
-Both are run as installed commands, in subprocesses, several times per file; the
-median wall time of each and their ratio are printed. The default files are the
+Both are run as installed commands, in subprocesses, several times per file. The
+script prints the median wall and CPU times of each and the ratio of the wall times. The default files are the
 tiny fixture Q4_K_M (Qwen vocabulary of 151,669 tokens and 151,387 merges) and,
 when they are in the fixture cache, the shape-faithful twin's BF16 and Q4_K_M
 (595,776,512 parameters); --build-twin quantizes the twin first (minutes).
@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -74,19 +75,27 @@ def default_files(build_twin: bool) -> list[tuple[str, Path]]:
     return files
 
 
-def median_seconds(command: list[str], runs: int, env: dict[str, str]) -> float:
-    """Run a command once untimed, then `runs` times with its output captured; return the median wall time."""
-    times = []
+def median_seconds(command: list[str], runs: int, env: dict[str, str]) -> tuple[float, float]:
+    """Run a command once untimed, then `runs` times with its output captured.
+
+    Returns the median wall time and the median CPU time (user + system) of the
+    child. On a loaded machine the CPU time shows what the wall time would be idle.
+    """
+    wall_times = []
+    cpu_times = []
     for run in range(runs + 1):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         result = subprocess.run(command, capture_output=True, timeout=RUN_TIMEOUT_SECONDS, env=env)
         elapsed = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if result.returncode != 0:
             stderr = result.stderr.decode(errors="replace").strip()[-500:]
             raise SystemExit(f"benchmark: {' '.join(command)} failed (exit {result.returncode}): {stderr}")
         if run > 0:
-            times.append(elapsed)
-    return statistics.median(times)
+            wall_times.append(elapsed)
+            cpu_times.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return statistics.median(wall_times), statistics.median(cpu_times)
 
 
 def run_environment(bytecode_cache: Path | None) -> dict[str, str]:
@@ -138,13 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"machine: {machine_line()}")
         print(f"qreg inspect --json: {qreg} ({args.runs} runs); gguf-dump --json: {gguf_dump} ({args.dump_runs} runs)")
         print(f"bytecode cache: {'off (caller environment)' if args.no_bytecode_cache else 'on'}")
-        print(f"{'file':<32} {'MiB':>8} {'qreg s':>8} {'gguf-dump s':>12} {'ratio':>7}")
+        print("medians; wall time, then CPU time (user + system) in brackets")
+        print(f"{'file':<30} {'MiB':>7} {'qreg s':>15} {'gguf-dump s':>15} {'ratio':>6}")
         for label, path in files:
-            qreg_seconds = median_seconds([qreg, "inspect", "--json", str(path)], args.runs, env)
-            dump_seconds = median_seconds([gguf_dump, "--json", str(path)], args.dump_runs, env)
+            qreg_wall, qreg_cpu = median_seconds([qreg, "inspect", "--json", str(path)], args.runs, env)
+            dump_wall, dump_cpu = median_seconds([gguf_dump, "--json", str(path)], args.dump_runs, env)
             size = path.stat().st_size / MIB
-            ratio = dump_seconds / qreg_seconds
-            print(f"{label:<32} {size:>8.1f} {qreg_seconds:>8.3f} {dump_seconds:>12.2f} {ratio:>6.1f}x")
+            qreg_text = f"{qreg_wall:.3f} ({qreg_cpu:.3f})"
+            dump_text = f"{dump_wall:.2f} ({dump_cpu:.2f})"
+            print(f"{label:<30} {size:>7.1f} {qreg_text:>15} {dump_text:>15} {dump_wall / qreg_wall:>5.1f}x")
         print(f"load average after: {load_average():.2f}")
     return 0
 
