@@ -55,7 +55,7 @@ class VariantMatch:
     """The manifest variant a file is, and how sure the match is.
 
     confidence is "exact" (sha256), "high" (file type and size), "medium" (file type
-    or size alone), "low" (file type and size, but a different sha256) or "none".
+    or size alone), "low" (file type, but a sha256 other than the pinned one) or "none".
     """
 
     variant: str | None
