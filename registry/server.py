@@ -582,20 +582,27 @@ def read_log_tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> list[str]:
 
 
 class stop_signals_raise:
-    """Context manager: while active, SIGTERM and SIGHUP raise StopSignal in the main thread."""
+    """Context manager: while active, the first SIGTERM or SIGHUP raises StopSignal in the main thread.
+
+    Later ones are only logged, so they cannot interrupt the stop that the first one started.
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
     def __enter__(self) -> "stop_signals_raise":
-        self.previous = {signum: signal.signal(signum, self._raise) for signum in self.SIGNALS}
+        self.raised = False
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         return self
 
     def __exit__(self, *exc_info) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
-    @staticmethod
-    def _raise(signum: int, _frame) -> None:
+    def _handle(self, signum: int, _frame) -> None:
+        if self.raised:
+            log.info("%s received while stopping llama-server; still stopping", signal.Signals(signum).name)
+            return
+        self.raised = True
         raise StopSignal(signum)
 
 

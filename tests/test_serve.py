@@ -88,6 +88,28 @@ def test_serve_sigterm_exits_143(serve, tiny_q4):
     assert wait_gone(ready["pid"])
 
 
+def test_second_sigterm_does_not_break_stop(serve, tiny_q4):
+    run = serve("--model", str(tiny_q4), "--port", str(free_port()), "--ctx", "512")
+    ready = run.wait_ready()
+    assert ready is not None, run.stderr
+
+    run.signal(signal.SIGTERM)
+    run.signal(signal.SIGTERM)
+    assert run.finish() == EXIT_TERMINATED
+    assert "Traceback" not in run.stderr
+    assert wait_gone(ready["pid"])
+
+
+def test_sighup_exits_129(serve, tiny_q4):
+    run = serve("--model", str(tiny_q4), "--port", str(free_port()), "--ctx", "512")
+    ready = run.wait_ready()
+    assert ready is not None, run.stderr
+
+    run.signal(signal.SIGHUP)
+    assert run.finish() == 128 + signal.SIGHUP
+    assert wait_gone(ready["pid"])
+
+
 def test_serve_child_in_own_group_with_pdeathsig(serve, tiny_q4):
     run = serve("--model", str(tiny_q4), "--port", str(free_port()), "--ctx", "512")
     ready = run.wait_ready()

@@ -355,23 +355,21 @@ def run_foreground(prepared, choice: ModelChoice, output: Output, timeout: float
     from registry.server import ServerStartError, StopSignal, stop_signals_raise
 
     process = None
-    try:
-        with stop_signals_raise():
-            try:
-                process, ready_seconds = _start(prepared, output, timeout, detach=False)
-                output.result(_ready_data(prepared, choice, process, ready_seconds), _render_ready)
-                output.info("press Ctrl-C to stop")
-                code = process.wait()
-                raise process.exited_error(code)
-            except StopSignal as stop:
-                output.info(f"stopping llama-server on {signal.Signals(stop.signum).name}")
-                return stop.exit_code
-            finally:
-                if process is not None:
-                    process.stop()
-    except ServerStartError as error:
-        _show_log_tail(error)
-        raise
+    with stop_signals_raise():
+        try:
+            process, ready_seconds = _start(prepared, output, timeout, detach=False)
+            output.result(_ready_data(prepared, choice, process, ready_seconds), _render_ready)
+            output.info("press Ctrl-C to stop")
+            raise process.exited_error(process.wait())
+        except StopSignal as stop:
+            output.info(f"stopping llama-server on {signal.Signals(stop.signum).name}")
+            return stop.exit_code
+        except ServerStartError as error:
+            _show_log_tail(error)
+            raise
+        finally:
+            if process is not None:
+                process.stop()
 
 
 def run_detached(prepared, choice: ModelChoice, output: Output, timeout: float) -> None:
