@@ -12,7 +12,8 @@ quantized by llama-quantize (docs/fixtures.md).
    cached facts ("warm"). qreg runs with a bytecode cache, as in a normal install.
 2. Throughput: 64 requests of 256 tokens each (EOS included), from 8 client threads,
    against qreg's default flags, against `qreg serve --ctx 4096 --parallel 8` (the
-   card's -c with qreg's batch sizes), and against the card's own command line
+   card's -c with qreg's batch sizes), against qreg's defaults with `-- -b 512 -ub 512`
+   (llama-server takes the last value of a repeated flag), and against the card's own command line
    (`-c 32768 -np 8`, default batch). Every text is different, so no slot reuses a
    cached prefix. Then single inputs of 600, 2,000 and 4,100 tokens show which
    lengths each command line serves.
@@ -103,16 +104,19 @@ class Server:
 
     def __init__(self, command: list[str], port: int, env: dict[str, str]):
         self.url = f"http://127.0.0.1:{port}"
+        # stderr goes to a file: a pipe that nobody reads would block a chatty llama-server.
+        self.stderr = tempfile.TemporaryFile()
         self.started = time.perf_counter()
         self.process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.stderr, env=env
         )
 
     def wait_healthy(self) -> float:
         deadline = self.started + START_TIMEOUT
         while health_status(self.url) != 200:
             if self.process.poll() is not None:
-                error = self.process.stderr.read().decode(errors="replace")[-1000:]
+                self.stderr.seek(0)
+                error = self.stderr.read().decode(errors="replace")[-1000:]
                 raise SystemExit(f"benchmark: server exited with {self.process.returncode}: {error}")
             if time.perf_counter() > deadline:
                 raise SystemExit(f"benchmark: {self.url} was not healthy within {START_TIMEOUT} s")
@@ -141,7 +145,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self.process.stderr.close()
+        self.stderr.close()
 
     def __enter__(self) -> "Server":
         return self
@@ -241,6 +245,7 @@ def throughput(qreg: str, model: Path, server_bin: Path, requests: int, home: Pa
     setups = {
         "qreg defaults (--ctx 8192 --parallel 1)": ("qreg", ()),
         "qreg --ctx 4096 --parallel 8": ("qreg", ("--ctx", "4096", "--parallel", "8")),
+        "qreg defaults -- -b 512 -ub 512": ("qreg", ("--", "-b", "512", "-ub", "512")),
         "card: -c 32768 -np 8, default batch": ("card", ()),
     }
     results = {}
@@ -315,6 +320,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM becomes SystemExit, so the servers this script started are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     make_fixtures = load_make_fixtures()
     bin_dir = make_fixtures.find_llama_bin_dir()
     server_bin = bin_dir / "llama-server"

@@ -14,6 +14,7 @@ from registry.cli.options import json_option, make_output, manifest_option, quie
 from registry.cli.output import Output, format_table
 from registry.cli.recommend_cmd import serving_options
 from registry.errors import NotFoundError, NothingFitsError, UsageError
+from registry.manifest import Variant
 
 PASSTHROUGH_META_KEY = "qreg.serve.passthrough"
 CURL_SAMPLE_INPUT = "hello world"
@@ -35,7 +36,7 @@ class ModelChoice:
     """The file to serve and, when the manifest lists it, its variant."""
 
     path: Path
-    variant: object | None
+    variant: Variant | None
     reason: str
 
     @property
@@ -77,7 +78,7 @@ def _pull_or_fail(manifest, variant, pull: bool, output: Output) -> Path:
     from registry.hub import pull as pull_variant
 
     output.info(f"pulling {variant.name} ({variant.file})")
-    result = pull_variant(manifest, variant)
+    result = pull_variant(manifest, variant, output=output)
     return Path(result.path)
 
 
