@@ -49,7 +49,7 @@ from registry.manifest import MIB, Manifest, load_manifest  # noqa: E402
 from registry.serving import ServeSettings  # noqa: E402
 
 SHORT_REQUEST_TOKENS = 200
-REQUEST_TIMEOUT_SECONDS = 600.0
+REQUEST_TIMEOUT_SECONDS = 1800.0
 START_TIMEOUT_SECONDS = 300.0
 
 # Each word is one token of the Qwen2 vocabulary (with its leading space), so a text of
@@ -100,8 +100,17 @@ def default_cases(quick: bool) -> list[Case]:
 
     cases = [Case(v, ctx, parallel, cache) for v in variants for ctx, parallel in shapes for cache in ("f16", "q8_0")]
     cases += [Case(v, 512, request="full") for v in variants]
-    cases += [Case("Q4_K_M", 2048, request="full"), Case("Q8_0", 1024, 2, "q8_0", request="full")]
+    cases += [Case("Q4_K_M", 2048, request="full"), Case("Q8_0", 512, 2, "q8_0", request="full")]
     return cases
+
+
+def parse_case(text: str) -> Case:
+    """Parse VARIANT:CTX:SLOTS:CACHE:LENGTH, such as Q4_K_M:8192:1:f16:full."""
+    parts = text.split(":")
+    if len(parts) != 5 or parts[4] not in ("short", "full"):
+        raise SystemExit(f"invalid --case '{text}': expected VARIANT:CTX:SLOTS:CACHE:LENGTH, such as Q4_K_M:8192:1:f16:full")
+    variant, ctx, parallel, cache_type, length = parts
+    return Case(variant, int(ctx), int(parallel), cache_type, length)
 
 
 def free_port() -> int:
@@ -238,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="run 3 cases instead of the full matrix")
     parser.add_argument("--json", type=Path, help="also write every row as JSON to this file")
+    parser.add_argument(
+        "--case",
+        action="append",
+        metavar="VARIANT:CTX:SLOTS:CACHE:LENGTH",
+        help="run this case instead of the matrix, such as Q4_K_M:8192:1:f16:full (LENGTH is short or full); repeatable",
+    )
     parser.add_argument("--type-mix", action="store_true", help="print registry.estimate.TYPE_MIX from llama-quantize --dry-run and exit")
     args = parser.parse_args(argv)
     if platform.system() != "Linux":
@@ -250,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     manifest = load_manifest()
-    cases = default_cases(args.quick)
+    cases = [parse_case(text) for text in args.case] if args.case else default_cases(args.quick)
     twin = make_fixtures.Twin(bin_dir)
     files = {variant: twin.ensure(variant) for variant in sorted({case.variant for case in cases})}
     log_dir = Path(make_fixtures.cache_root()) / "memory-benchmark-logs"
