@@ -416,3 +416,16 @@ def test_dry_run_no_memory_warning_when_it_fits(llama_server_bin, fixture_ggufs)
     result = dry_run(llama_server_bin, "--model", str(model), "--manifest", str(fixture_ggufs.manifest_path), "--ctx", "512")
     assert result.exit_code == 0, result.stderr
     assert "needs about" not in result.stderr
+
+
+def test_dry_run_nothing_pulled(llama_server_bin, fixture_ggufs):
+    result = dry_run(llama_server_bin, "--manifest", str(fixture_ggufs.manifest_path))
+    assert result.exit_code == NotFoundError.exit_code
+    assert "no variant is pulled" in result.stderr
+    assert "qreg pull VARIANT" in result.stderr
+
+
+def test_dry_run_unknown_variant(llama_server_bin, fixture_ggufs):
+    result = dry_run(llama_server_bin, "Q9_K", "--manifest", str(fixture_ggufs.manifest_path))
+    assert result.exit_code == NotFoundError.exit_code
+    assert "unknown variant 'Q9_K'" in result.stderr
