@@ -13,8 +13,6 @@ tracked by a JSON record under the data directory for `qreg ps` and `qreg stop`.
 
 from __future__ import annotations
 
-import ctypes
-import http.client
 import json
 import logging
 import os
@@ -430,21 +428,32 @@ def check_port_free(host: str, port: int) -> None:
 # --- running and supervising ------------------------------------------------------
 
 
-def _set_parent_death_signal(parent_pid: int) -> None:
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _child_setup(parent_pid: int, prctl) -> None:
     """Run in the child between fork and exec: die with the parent, in a process group of its own.
 
     Its own process group keeps a terminal's Ctrl-C away from llama-server, so qreg
-    alone decides how it stops.
+    alone decides how it stops. `prctl` is libc's, loaded by the parent, or None
+    where the system has no parent-death signal.
     """
     os.setpgid(0, 0)
-    if not sys.platform.startswith("linux"):
+    if prctl is None:
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     # The parent may have died between fork and prctl, and then no signal would ever arrive.
     if os.getppid() != parent_pid:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _libc_prctl():
+    """Return libc's prctl on Linux, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
 
 
 class ServerProcess:
@@ -474,8 +483,8 @@ class ServerProcess:
             if detach:
                 options["start_new_session"] = True
             else:
-                parent_pid = os.getpid()
-                options["preexec_fn"] = lambda: _set_parent_death_signal(parent_pid)
+                parent_pid, prctl = os.getpid(), _libc_prctl()
+                options["preexec_fn"] = lambda: _child_setup(parent_pid, prctl)
             try:
                 popen = subprocess.Popen([str(binary), *args], **options)
             except OSError as error:
@@ -547,6 +556,8 @@ class ServerProcess:
 
 def health_status(base_url: str, timeout: float = 1.0) -> int | None:
     """Return the HTTP status of GET /health, or None when nothing accepts the connection."""
+    # Imported here, after llama-server has been started, so the import overlaps its loading.
+    import http.client
     from urllib.parse import urlsplit
 
     parts = urlsplit(base_url)
@@ -554,7 +565,7 @@ def health_status(base_url: str, timeout: float = 1.0) -> int | None:
     try:
         connection.request("GET", "/health")
         return connection.getresponse().status
-    except (ConnectionError, socket.timeout, OSError, http.client.HTTPException):
+    except (OSError, http.client.HTTPException):
         return None
     finally:
         connection.close()
