@@ -173,7 +173,7 @@ def recommend(
     pick = next((item for item in ranked if item.eligible and item.fits), None)
     if pick is None:
         reason = explain_nothing_fits(ranked, budget, settings)
-        suggestions = suggest_fixes(manifest, device, settings, budget, ranked, allow_low_quality, include_reference, only)
+        suggestions = suggest_fixes(manifest, device, settings, budget, ranked)
         return Recommendation(None, ranked, reason, settings, budget, suggestions)
 
     return Recommendation(pick.variant, ranked, explain_pick(pick, ranked, budget, settings), settings, budget)
@@ -265,9 +265,10 @@ def describe_settings(settings: ServeSettings) -> str:
 def explain_pick(pick: RankedVariant, ranked: list[RankedVariant], budget: Budget, settings: ServeSettings) -> str:
     """Say in one or two lines what the pick needs against the budget and why higher-ranked variants lost."""
     need = format_size(pick.estimate.ram_bytes)
+    with_margin = format_size(with_headroom(pick.estimate.ram_bytes))
     line = (
-        f"{pick.variant.name} ({pick.variant.bits_per_weight:.2f} BPW) needs {need} of "
-        f"{format_size(budget.ram_bytes)} ({budget.ram_source}) for {describe_settings(settings)}"
+        f"{pick.variant.name} ({pick.variant.bits_per_weight:.2f} BPW) needs {need} ({with_margin} with "
+        f"{HEADROOM:.0%} headroom) of {format_size(budget.ram_bytes)} ({budget.ram_source}) for {describe_settings(settings)}"
     )
     if budget.vram_bytes is not None:
         line += f"; {format_size(pick.estimate.vram_bytes)} of {format_size(budget.vram_bytes)} VRAM ({budget.vram_source})"
@@ -290,7 +291,7 @@ def summarize_skipped(skipped: list[RankedVariant]) -> str:
         names = ", ".join(item.variant.name for item in items)
         if key == "too large":
             smallest = min(items, key=lambda item: item.estimate.total_bytes)
-            parts.append(f"{names} too large (the smallest, {smallest.variant.name}, needs {format_size(with_headroom(smallest.estimate.ram_bytes))} with headroom)")
+            parts.append(f"{names} too large (the smallest, {smallest.variant.name}, {smallest.reason.removeprefix('too large: ')})")
         else:
             parts.append(f"{names}: {key}")
     return "; ".join(parts)
@@ -305,28 +306,18 @@ def explain_nothing_fits(ranked: list[RankedVariant], budget: Budget, settings: 
         f"no variant fits {format_size(budget.ram_bytes)} ({budget.ram_source}) for {describe_settings(settings)}: "
         f"the smallest eligible, {smallest.variant.name}, {smallest.reason.removeprefix('too large: ')}"
     )
-    per_token = smallest.estimate.terms["output_buffer"] + smallest.estimate.terms["compute_buffer"]
-    if per_token * 2 > smallest.estimate.total_bytes:
+    token_buffers = smallest.estimate.terms["output_buffer"] + smallest.estimate.terms["compute_buffer"]
+    if token_buffers * 2 > smallest.estimate.total_bytes:
         message += (
-            f" ({format_size(per_token)} of it is llama.cpp's output and compute buffers, "
+            f" ({format_size(token_buffers)} of it is llama.cpp's output and compute buffers, "
             "which hold logits over the whole vocabulary for every input token)"
         )
     return message
 
 
-def suggest_fixes(
-    manifest: Manifest,
-    device: Device,
-    settings: ServeSettings,
-    budget: Budget,
-    ranked: list[RankedVariant],
-    allow_low_quality: bool,
-    include_reference: bool,
-    only: set[str] | None,
-) -> list[str]:
-    """Find changes that make some variant fit: a smaller --ctx, a quantized KV cache, fewer slots."""
-    eligible = [item.variant for item in ranked if item.eligible]
-    if not eligible:
+def suggest_fixes(manifest: Manifest, device: Device, settings: ServeSettings, budget: Budget, ranked: list[RankedVariant]) -> list[str]:
+    """Find changes that make some eligible variant fit: a smaller --ctx, a quantized KV cache, fewer slots."""
+    if not any(item.eligible for item in ranked):
         return []
 
     def best_fit(candidate: ServeSettings) -> Variant | None:
