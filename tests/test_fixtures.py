@@ -268,3 +268,27 @@ def test_twin_size_matches_card(twin_gguf_factory, variant):
 
     size_mib = path.stat().st_size / MIB
     assert abs(size_mib - card.size_mib) <= SIZE_TOLERANCE_MIB, f"{variant}: {size_mib:.2f} MiB, card {card.size_mib}"
+
+
+def run_check_sizes(*args: str) -> subprocess.CompletedProcess:
+    script = SCRIPT.with_name("check-sizes")
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=1800)
+
+
+def test_check_sizes_unknown_type(llama_bin_dir):
+    result = run_check_sizes("--llama-bin", str(llama_bin_dir), "--types", "Q9_9")
+    assert result.returncode == 2
+    assert "unknown variant(s) Q9_9" in result.stderr
+
+
+@pytest.mark.slow
+def test_check_sizes_reports_match(twin_gguf_factory, llama_bin_dir):
+    twin_gguf_factory("Q8_0")
+    result = run_check_sizes("--llama-bin", str(llama_bin_dir), "--types", "Q8_0,BF16", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {row["variant"]: row for row in json.loads(result.stdout)}
+    assert rows["Q8_0"]["bytes"] == twin_gguf_factory("Q8_0").stat().st_size
+    assert rows["Q8_0"]["match"] is True
+    # The card lists BF16 as "1.12 GB", so it matches at that precision only.
+    assert rows["BF16"]["match"] is True
+    assert rows["BF16"]["difference_mib"] < -1
