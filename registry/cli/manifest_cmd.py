@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from registry.cli.options import json_option, make_output, manifest_option, quiet_option
-from registry.errors import UsageError
+from registry.errors import ManifestError, UsageError
 from registry.manifest import Manifest, load_manifest, overlay_path_for, shipped_manifest_path
 
 if sys.version_info >= (3, 11):
@@ -68,7 +68,7 @@ def _write_toml(path: Path, data: dict[str, Any]) -> None:
 def _check_output_path(output_path: Path) -> None:
     try:
         shipped = shipped_manifest_path().resolve()
-    except Exception:  # no shipped manifest next to this install: nothing to protect
+    except ManifestError:  # no shipped manifest next to this install: nothing to protect
         return
     if output_path.resolve() == shipped:
         raise UsageError(
