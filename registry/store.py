@@ -518,6 +518,27 @@ def pulled_path(manifest: Manifest, variant: Variant | str) -> Path | None:
     return paths.snapshot(record.commit)
 
 
+def not_pulled_error(manifest: Manifest, variant: Variant | str) -> NotFoundError:
+    """Build the error for a variant that `pulled_path` did not return, saying why and what to run."""
+    variant = as_variant(manifest, variant)
+    paths = paths_for(manifest, variant)
+    record = load_record(paths)
+    name = variant.name
+    if record is None:
+        return NotFoundError(f"variant {name} is not pulled", hint=f"run 'qreg pull {name}'")
+    if not paths.snapshot(record.commit).exists():
+        return NotFoundError(f"the pulled file of {name} is missing from the cache", hint=f"run 'qreg pull {name}'")
+    if not record_matches_file(record, paths):
+        return NotFoundError(
+            f"the pulled file of {name} changed since it was verified (size or modification time differ)",
+            hint=f"run 'qreg verify {name}' to check it, or 'qreg pull {name}' to replace it",
+        )
+    return NotFoundError(
+        f"the pulled file of {name} has sha256 {record.sha256}, but the manifest pins {variant.sha256}",
+        hint=f"run 'qreg pull {name}' to fetch the pinned file",
+    )
+
+
 @dataclass(frozen=True)
 class StoredVariant:
     """A variant as the store has it: pulled, changed, missing, or partly downloaded."""

@@ -607,3 +607,18 @@ def test_cli_variant_pulled(gguf_mirror, fixture_ggufs, qreg_exe):
     data = json.loads(result.stdout)
     assert data["path"] == str(pulled)
     assert data["variant_match"]["variant"] == "Q4_K_M"
+
+
+def test_cli_variant_changed_after_pull(gguf_mirror, fixture_ggufs, qreg_exe):
+    manifest = load_manifest(fixture_ggufs.manifest_path)
+    pulled = hub.pull(manifest, "Q4_K_M").path
+    before = pulled.stat().st_size
+    with open(pulled, "r+b") as handle:  # flip one byte in the middle, keeping the size
+        handle.seek(before // 2)
+        byte = handle.read(1)
+        handle.seek(before // 2)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+    result = run_qreg(qreg_exe, "inspect", "--manifest", str(fixture_ggufs.manifest_path), "Q4_K_M")
+    assert_one_line_error(result, 3, "changed since it was verified", "qreg verify Q4_K_M")
+    assert pulled.stat().st_size == before

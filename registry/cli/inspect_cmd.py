@@ -93,11 +93,11 @@ def resolve_target(target: str, manifest: Manifest) -> Path:
 
 
 def _pulled_file(manifest: Manifest, variant: Variant) -> Path:
-    from registry.store import pulled_path
+    from registry.store import not_pulled_error, pulled_path
 
     pulled = pulled_path(manifest, variant)
     if pulled is None:
-        raise NotFoundError(f"variant {variant.name} is not pulled", hint=f"run 'qreg pull {variant.name}'")
+        raise not_pulled_error(manifest, variant)
     return Path(pulled)
 
 
