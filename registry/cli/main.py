@@ -75,11 +75,26 @@ class QregGroup(click.Group):
         except KeyboardInterrupt:
             _report(ctx, "interrupted", "interrupted", EXIT_INTERRUPTED)
             ctx.exit(EXIT_INTERRUPTED)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as error:
+            # One line like every other error, and a JSON object when --json was given,
+            # instead of click's three-line usage block.
+            command_path = error.ctx.command_path if error.ctx else "qreg"
+            message = f"{error.format_message().rstrip('.')}; run '{command_path} --help' for usage"
+            json_mode = _json_requested(ctx) or _json_in_arguments(error.ctx or ctx)
+            print_error(message, kind="usage", exit_code=error.exit_code, json_mode=json_mode)
+            ctx.exit(error.exit_code)
 
 
 def _report(ctx: click.Context, message: str, kind: str, exit_code: int) -> None:
     json_mode = _json_requested(ctx)
     print_error(message, kind=kind, exit_code=exit_code, json_mode=json_mode)
+
+
+def _json_in_arguments(ctx: click.Context) -> bool:
+    # A usage error can stop parsing before the --json callback runs.
+    return "--json" in ctx.args or "--json" in sys.argv[1:]
 
 
 def _json_requested(ctx: click.Context) -> bool:
