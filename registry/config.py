@@ -33,15 +33,22 @@ class Setting:
     help: str
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value <= 0:
         raise ValueError(f"must be a positive integer, got {value}")
     return value
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if not 1 <= value <= 65535:
         raise ValueError(f"must be a port number from 1 to 65535, got {value}")
     return value
@@ -133,7 +140,10 @@ def parse_value(setting: Setting, text: str, source: str) -> Any:
     try:
         return setting.parse(text)
     except ValueError as error:
-        raise UsageError(f"invalid value '{text}' for {setting.key} from {source}: {error}") from None
+        raise UsageError(
+            f"invalid value '{text}' for {setting.key} from {source}: {error}",
+            hint=f"run 'qreg config set {setting.key} VALUE' with a valid value, or unset {setting.env}",
+        ) from None
 
 
 def write_setting(key: str, text: str | None) -> Path:
@@ -143,7 +153,9 @@ def write_setting(key: str, text: str | None) -> Path:
     setting = lookup(key)
     flat = read_config()
     if text is None:
-        flat.pop(key, None)
+        if key not in flat:
+            raise UsageError(f"{key} is not set in {config_path()}", hint="run 'qreg config list' to see the settings")
+        flat.pop(key)
     else:
         flat[key] = parse_value(setting, text, "the command line")
 

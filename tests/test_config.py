@@ -92,3 +92,17 @@ def test_debug_shows_traceback(monkeypatch):
     result = CliRunner().invoke(cli, ["info", "Q9_K"])
     assert result.exit_code != 0
     assert result.exception is not None
+
+
+def test_cli_set_non_integer_message():
+    result = CliRunner().invoke(cli, ["config", "set", "serve.port", "banana"])
+    assert result.exit_code == UsageError.exit_code
+    assert "must be a whole number" in result.output
+    assert "invalid literal" not in result.output
+
+
+def test_cli_unset_missing_key():
+    result = CliRunner().invoke(cli, ["config", "unset", "serve.ctx"])
+    assert result.exit_code == UsageError.exit_code
+    assert "serve.ctx is not set" in result.output
+    assert not config.config_path().exists()
