@@ -128,9 +128,24 @@ def _is_transient(error: BaseException) -> bool:
     from huggingface_hub.errors import HfHubHTTPError
 
     if isinstance(error, _transport_errors()):
-        return True
+        # A host name that does not resolve stays unresolved for the seconds the
+        # retries would wait, so fail at once (no network, or a mistyped HF_ENDPOINT).
+        return not _caused_by_name_resolution(error)
     if isinstance(error, HfHubHTTPError) and error.response is not None:
         return error.response.status_code == 429 or error.response.status_code >= 500
+    return False
+
+
+def _caused_by_name_resolution(error: BaseException) -> bool:
+    import socket
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, socket.gaierror) or "Name or service not known" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
     return False
 
 
@@ -175,14 +190,20 @@ class _Notes:
     def __init__(self, output: Any | None):
         self.output = output
 
+    # With an Output the user already sees the note on stderr, so the log keeps it at
+    # debug level instead of printing it a second time.
     def info(self, message: str) -> None:
-        log.info("%s", message)
-        if self.output is not None:
+        if self.output is None:
+            log.info("%s", message)
+        else:
+            log.debug("%s", message)
             self.output.info(message)
 
     def warn(self, message: str) -> None:
-        log.warning("%s", message)
-        if self.output is not None:
+        if self.output is None:
+            log.warning("%s", message)
+        else:
+            log.debug("%s", message)
             self.output.warn(message)
 
     @property

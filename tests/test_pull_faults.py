@@ -381,3 +381,23 @@ def test_no_progress_bar_when_piped(random_repo, hf_mirror, qreg_exe):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "B/s" not in result.stderr
+
+
+def test_retry_warning_printed_once(random_repo, hf_mirror, qreg_exe):
+    hf_mirror.fail(random_repo.file_name("Q2_K"), 503, times=1)
+    result = subprocess.run([qreg_exe, "pull", "Q2_K", "--manifest", str(random_repo.manifest_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("retry 1 of") == 1
+
+
+def test_unresolvable_host_not_retried():
+    # Built by hand: resolving a host name would send a DNS query off this machine.
+    import socket
+
+    import httpx
+
+    error = httpx.ConnectError("[Errno -2] Name or service not known")
+    error.__cause__ = socket.gaierror(-2, "Name or service not known")
+    assert not hub._is_transient(error)
+    assert hub._is_transient(httpx.ConnectError("[Errno 111] Connection refused"))
