@@ -103,8 +103,9 @@ def recommend_command(
     \b
     Examples:
       qreg recommend
-      qreg recommend --ram 2GB
-      qreg recommend --ram 1GB --ctx 2048 --cache-type q8_0
+      qreg recommend --ram 2GB --ctx 1024
+      qreg recommend --ram 4GB --ctx 2048 --cache-type q8_0
+      qreg recommend --ram 1GB --ctx 256
       qreg recommend --ram 16GB --backend metal --json
       qreg recommend --show-device
     """
