@@ -106,3 +106,12 @@ def test_refresh_unknown_repo(unpinned_repo, hf_mirror, tmp_path):
     assert result.exit_code == 3
     assert "qreg-test/Nowhere" in result.stderr
     assert not overlay_path_for(other).exists()
+
+
+def test_refresh_output_folder_missing(unpinned_repo, hf_mirror, tmp_path):
+    target = tmp_path / "no-such-folder" / "pinned.toml"
+    result = run_qreg("manifest", "refresh", "--manifest", str(unpinned_repo.manifest_path), "--output", str(target))
+    assert result.exit_code == UsageError.exit_code
+    assert "does not exist" in result.stderr
+    assert not target.parent.exists()
+    assert hf_mirror.requests == []  # rejected before the hub was asked

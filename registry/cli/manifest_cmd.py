@@ -66,6 +66,12 @@ def _write_toml(path: Path, data: dict[str, Any]) -> None:
 
 
 def _check_output_path(output_path: Path) -> None:
+    # A mistyped folder should fail here, before the hub is asked, not be created.
+    if not output_path.parent.is_dir():
+        raise UsageError(
+            f"--output {output_path}: folder {output_path.parent} does not exist",
+            hint="create it first or pass a path in an existing folder",
+        )
     try:
         shipped = shipped_manifest_path().resolve()
     except ManifestError:  # no shipped manifest next to this install: nothing to protect
