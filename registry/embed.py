@@ -95,8 +95,12 @@ class EmbedClient:
         import httpx
 
         self.url = url.rstrip("/")
+        check_url(self.url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, trust_env=False)
+        try:
+            self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, trust_env=False)
+        except httpx.InvalidURL as error:
+            raise UsageError(f"invalid --url '{url}': {error}", hint="pass a URL like http://127.0.0.1:8080") from None
         self._eos_id: int | None = None
         self._server_adds_eos: bool | None = None
 
@@ -123,8 +127,12 @@ class EmbedClient:
             ) from None
         except httpx.TimeoutException:
             raise EmbedError(f"{method} {self.url}{path} timed out", hint="retry, or send fewer or shorter texts") from None
+        except httpx.InvalidURL as error:
+            raise UsageError(f"invalid --url '{self.url}': {error}", hint="pass a URL like http://127.0.0.1:8080") from None
         except httpx.HTTPError as error:
-            raise EmbedError(f"{method} {self.url}{path} failed: {error}") from None
+            raise EmbedError(
+                f"{method} {self.url}{path} failed: {error}", hint="check that --url points at a running llama-server"
+            ) from None
 
         if response.status_code == 401:
             raise EmbedError(
@@ -132,7 +140,10 @@ class EmbedClient:
                 hint="pass --api-key or set QREG_API_KEY to the key the server was started with",
             )
         if response.status_code >= 400:
-            raise EmbedError(f"{method} {self.url}{path} returned {response.status_code}: {_error_text(response)}")
+            raise EmbedError(
+                f"{method} {self.url}{path} returned {response.status_code}: {_error_text(response)}",
+                hint="check that --url points at a llama-server started with --embedding",
+            )
         try:
             return response.json()
         except ValueError:
@@ -241,9 +252,29 @@ def _vector(item: dict, text: str) -> list[float]:
     return [float(value) for value in vector]
 
 
-def _error_text(response) -> str:
+def check_url(url: str) -> None:
+    """Raise UsageError unless the URL is http(s) with a host, as --url must be."""
+    from urllib.parse import urlsplit
+
     try:
-        error = response.json().get("error", {})
-        return error.get("message") or response.text[:200]
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as error:
+        raise UsageError(f"invalid --url '{url}': {error}", hint="pass a URL like http://127.0.0.1:8080") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"invalid --url '{url}': it needs http:// or https:// and a host", hint="pass a URL like http://127.0.0.1:8080")
+
+
+def _error_text(response) -> str:
+    """Return the server's error message, or the start of its body on one line."""
+    try:
+        body = response.json()
     except ValueError:
-        return response.text[:200]
+        body = None
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(error, str) and error:
+            return error
+    return preview(response.text) or "(empty body)"

@@ -8,7 +8,7 @@ import click
 
 from registry.cli.options import json_option, make_output, quiet_option
 from registry.cli.output import format_table
-from registry.errors import UsageError
+from registry.errors import NotFoundError, QregError, UsageError
 
 
 def _default_url() -> str:
@@ -23,10 +23,19 @@ def _default_url() -> str:
 def _read_texts(texts: tuple[str, ...], file_path: str | None, *, stdin_allowed: bool) -> list[str]:
     collected = list(texts)
     if file_path is not None:
-        collected += _lines(click.open_file(file_path, "r", encoding="utf-8"), file_path)
+        collected += _read_file_lines(file_path)
     elif not collected and stdin_allowed and not sys.stdin.isatty():
         collected = _lines(sys.stdin, "stdin")
     return collected
+
+
+def _read_file_lines(file_path: str) -> list[str]:
+    try:
+        return _lines(click.open_file(file_path, "r", encoding="utf-8"), file_path)
+    except FileNotFoundError:
+        raise NotFoundError(f"--file {file_path}: no such file", hint="check the path") from None
+    except OSError as error:
+        raise QregError(f"--file {file_path} cannot be read: {error.strerror}", hint="check the path and its permissions") from None
 
 
 def _with_instructions(queries: tuple[str, ...], documents: list[str], task: str | None) -> list[tuple[str, str]]:
