@@ -347,3 +347,21 @@ def test_stop_unknown_port(qreg_exe, llama_server_bin, tiny_q4):
     finally:
         qreg(qreg_exe, "stop", "--all")
         assert wait_gone(pid)
+
+
+def test_dry_run_with_pull_downloads_nothing(serve, fixture_ggufs):
+    run = serve("Q4_K_M", "--pull", "--dry-run", "--manifest", str(fixture_ggufs.manifest_path))
+    assert run.finish() == NotFoundError.exit_code
+    assert "--dry-run downloads nothing" in run.stderr
+    from registry import store
+    from registry.manifest import load_manifest
+
+    assert store.list_pulled(load_manifest(fixture_ggufs.manifest_path)) == []
+
+
+def test_ctrl_c_is_not_an_error(serve, tiny_q4):
+    run = serve("--model", str(tiny_q4), "--port", str(free_port()), "--ctx", "512")
+    assert run.wait_ready() is not None, run.stderr
+    run.signal(signal.SIGINT)
+    assert run.finish() == 130
+    assert "qreg: error" not in run.stderr  # --json hides the "stopping" note, and no error is printed

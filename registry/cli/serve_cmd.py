@@ -13,7 +13,7 @@ import click
 from registry.cli.options import json_option, make_output, manifest_option, quiet_option
 from registry.cli.output import Output, format_table
 from registry.cli.recommend_cmd import serving_options
-from registry.errors import NotFoundError, NothingFitsError, UsageError
+from registry.errors import EXIT_INTERRUPTED, NotFoundError, NothingFitsError, UsageError
 from registry.manifest import Variant
 
 PASSTHROUGH_META_KEY = "qreg.serve.passthrough"
@@ -47,8 +47,14 @@ class ModelChoice:
 # --- choosing the file --------------------------------------------------------------
 
 
-def choose_model(manifest, variant_name: str | None, model_file: str | None, *, pull: bool, settings, device, output: Output) -> ModelChoice:
-    """Find the file to serve: --model FILE, the named variant, or the pulled variant recommend picks."""
+def choose_model(
+    manifest, variant_name: str | None, model_file: str | None, *, pull: bool, settings, device, output: Output,
+    dry_run: bool = False,
+) -> ModelChoice:
+    """Find the file to serve: --model FILE, the named variant, or the pulled variant recommend picks.
+
+    With dry_run nothing is downloaded, even with --pull.
+    """
     if model_file is not None:
         if variant_name is not None:
             raise UsageError(f"pass either VARIANT ({variant_name}) or --model ({model_file}), not both")
@@ -63,18 +69,21 @@ def choose_model(manifest, variant_name: str | None, model_file: str | None, *, 
         variant = manifest.resolve(variant_name)
         path = store.pulled_path(manifest, variant)
         if path is None:
-            path = _pull_or_fail(manifest, variant, pull, output)
+            path = _pull_or_fail(manifest, variant, pull and not dry_run, output, dry_run=dry_run)
         return ModelChoice(path=path, variant=variant, reason="named")
 
     return _recommended_pulled(manifest, settings, device)
 
 
-def _pull_or_fail(manifest, variant, pull: bool, output: Output) -> Path:
+def _pull_or_fail(manifest, variant, pull: bool, output: Output, *, dry_run: bool = False) -> Path:
+    from registry.store import not_pulled_error
+
+    if dry_run:
+        error = not_pulled_error(manifest, variant)
+        raise NotFoundError(f"{error.message}, and --dry-run downloads nothing", hint=f"run 'qreg pull {variant.name}' first")
     if not pull:
-        raise NotFoundError(
-            f"variant {variant.name} is not pulled",
-            hint=f"run 'qreg pull {variant.name}' first, or pass --pull",
-        )
+        error = not_pulled_error(manifest, variant)
+        raise NotFoundError(error.message, hint=f"{error.hint}, or pass --pull")
     from registry.hub import pull as pull_variant
 
     output.info(f"pulling {variant.name} ({variant.file})")
@@ -101,7 +110,7 @@ def _recommended_pulled(manifest, settings, device) -> ModelChoice:
         )
     path = store.pulled_path(manifest, variant)
     if path is None:
-        raise NotFoundError(f"variant {variant.name} is not pulled", hint=f"run 'qreg pull {variant.name}'")
+        raise store.not_pulled_error(manifest, variant)
     return ModelChoice(path=path, variant=variant, reason="recommended among the pulled variants")
 
 
@@ -241,7 +250,9 @@ def serve_command(
     host_value, _ = resolve("serve.host", host)
     port_value, _ = resolve("serve.port", port)
 
-    choice = choose_model(manifest, variant_name, model_file, pull=pull, settings=settings, device=device, output=output)
+    choice = choose_model(
+        manifest, variant_name, model_file, pull=pull, settings=settings, device=device, output=output, dry_run=dry_run,
+    )
     facts = read_file_facts(choice.path, manifest, output)
     if choice.variant is None and facts["variant"] is not None:
         choice = ModelChoice(path=choice.path, variant=manifest.resolve(facts["variant"]), reason=choice.reason)
@@ -350,8 +361,8 @@ def _ready_data(prepared, choice: ModelChoice, process, ready_seconds: float) ->
 def run_foreground(prepared, choice: ModelChoice, output: Output, timeout: float) -> int:
     """Start llama-server, wait until healthy, serve until a signal or its exit; return qreg's exit code.
 
-    Ctrl-C raises KeyboardInterrupt to the CLI edge (exit 130) after llama-server is
-    stopped; SIGTERM and SIGHUP stop it and return 128 + the signal number.
+    Ctrl-C, SIGTERM and SIGHUP stop llama-server and return 128 + the signal number
+    (130, 143, 129).
     """
     from registry.server import ServerStartError, StopSignal, stop_signals_raise
 
@@ -365,6 +376,10 @@ def run_foreground(prepared, choice: ModelChoice, output: Output, timeout: float
         except StopSignal as stop:
             output.info(f"stopping llama-server on {signal.Signals(stop.signum).name}")
             return stop.exit_code
+        except KeyboardInterrupt:
+            # Ctrl-C is how a foreground server is meant to stop, so it is no error.
+            output.info("stopping llama-server on SIGINT")
+            return EXIT_INTERRUPTED
         except ServerStartError as error:
             _show_log_tail(error)
             raise
