@@ -26,7 +26,7 @@ def assert_one_line(result: subprocess.CompletedProcess, code: int, *fragments: 
 
 
 class _NotLlamaServer(http.server.BaseHTTPRequestHandler):
-    """Answers every request like a JSON API that is not llama-server: 404 with a string error."""
+    """A handler that replies to every request like a JSON API that is not llama-server: 404 with a string error."""
 
     def do_POST(self):  # noqa: N802 - the http.server handler name
         body = json.dumps({"error": f"no route for {self.path}"}).encode()

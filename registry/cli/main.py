@@ -54,7 +54,7 @@ class QregGroup(click.Group):
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as error:
             if error.name == module_name:
-                return None  # a command whose module is not written yet
+                return None  # the module is missing from this install, so click reports no such command
             raise
         return getattr(module, attribute)
 
