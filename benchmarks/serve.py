@@ -289,13 +289,22 @@ def machine_line() -> str:
 
 def print_report(report: dict) -> None:
     print(f"machine: {report['machine']}")
+    if report["starts"]:
+        print_starts(report["starts"])
+    if report["throughput"]:
+        print_throughput(report)
+
+
+def print_starts(starts: dict) -> None:
     print("\n### Start time to healthy (s)\n")
     print("| variant | llama-server direct | qreg serve, cold | qreg serve, warm | warm - direct |")
     print("|---|---:|---:|---:|---:|")
-    for variant, starts in report["starts"].items():
-        direct, cold, warm = (statistics.median(starts[key]) for key in ("direct", "qreg_cold", "qreg_warm"))
+    for variant, times in starts.items():
+        direct, cold, warm = (statistics.median(times[key]) for key in ("direct", "qreg_cold", "qreg_warm"))
         print(f"| {variant} | {direct:.3f} | {cold:.3f} | {warm:.3f} | {warm - direct:+.3f} |")
 
+
+def print_throughput(report: dict) -> None:
     print(f"\n### Throughput: {report['requests']} requests of {TOKENS_PER_REQUEST} tokens, {CLIENT_THREADS} client threads\n")
     lengths = " | ".join(f"{length} tokens" for length in LONG_INPUTS)
     print(f"| variant | command line | tokens/s | failed | peak RSS MiB | {lengths} |")
@@ -313,6 +322,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=5, help="start-time runs per command (default 5)")
     parser.add_argument("--requests", type=int, default=64, help="requests per throughput run (default 64)")
     parser.add_argument("--skip-throughput", action="store_true", help="measure start times only")
+    parser.add_argument("--skip-starts", action="store_true", help="measure throughput only")
     parser.add_argument("--build-twin", action="store_true", help="quantize missing twin variants first (minutes)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     return parser.parse_args(argv)
@@ -336,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
             if not model.is_file():
                 print(f"benchmark: twin {variant} is not in the fixture cache; pass --build-twin", file=sys.stderr)
                 continue
-            print(f"{variant}: start times", file=sys.stderr)
-            report["starts"][variant] = time_starts(qreg, model, server_bin, args.runs, home, bytecode)
+            if not args.skip_starts:
+                print(f"{variant}: start times", file=sys.stderr)
+                report["starts"][variant] = time_starts(qreg, model, server_bin, args.runs, home, bytecode)
             if not args.skip_throughput:
                 print(f"{variant}: throughput", file=sys.stderr)
                 report["throughput"][variant] = throughput(qreg, model, server_bin, args.requests, home, bytecode)
