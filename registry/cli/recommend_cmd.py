@@ -29,7 +29,7 @@ def serving_options(command: Callable) -> Callable:
             type=int,
             default=None,
             metavar="TOKENS",
-            help="Per-slot context: the longest input one request may have, in tokens; "
+            help="Per-slot context in tokens: one request's input may have up to ctx - 1 tokens; "
             "llama-server's -c is ctx x parallel [default: 8192; env: QREG_CTX; config: serve.ctx].",
         ),
         click.option(
