@@ -44,7 +44,7 @@ _REVISION_RE = re.compile(r"^[0-9a-f]{40}$")
 
 @dataclass(frozen=True)
 class Perplexity:
-    """How the card's PPL figures were measured."""
+    """The measurement setup behind the card's PPL figures."""
 
     tool: str
     corpus: str

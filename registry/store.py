@@ -161,7 +161,7 @@ def as_variant(manifest: Manifest, variant: Variant | str) -> Variant:
 
 @dataclass
 class PullRecord:
-    """What qreg knows about a pulled file: its digest, the digest's source, and its stat when verified."""
+    """qreg's record of a pulled file: its digest, the digest's source, and its stat when verified."""
 
     repo: str
     variant: str

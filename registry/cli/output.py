@@ -15,7 +15,7 @@ import click
 
 
 class Output:
-    """Where a command sends its result, notes and warnings."""
+    """The destination of a command's result, notes and warnings."""
 
     def __init__(self, *, json_mode: bool = False, quiet: bool = False):
         self.json_mode = json_mode
