@@ -4,7 +4,8 @@
 The file (the shape-faithful twin's Q8_0 when it is in the fixture cache, else 609.5 MiB
 of random bytes, or --file) is served by the loopback mirror (`python -m
 registry.mirror`) in its own process. Each run downloads it three ways, each as a
-subprocess timed from start to exit, into an empty cache:
+subprocess timed from start to exit, into an empty cache, after flushing the page cache (os.sync, untimed) so that no tool
+pays for writing back another's file; the tools take turns going first:
 
   curl             curl -sSL -o FILE <endpoint>/<repo>/resolve/main/<file> (follows the 302)
   hf_hub_download  python -c 'hf_hub_download(...)' (no sha256 check)
@@ -148,29 +149,47 @@ def timed(command: list[str], env: dict[str, str]) -> tuple[float, str]:
     return time.perf_counter() - started, result.stdout
 
 
-def one_run(file: Path, endpoint: str, manifest: Path, work: Path) -> dict[str, float]:
-    """Download the file once with each tool into fresh folders; return seconds per tool."""
+def one_run(file: Path, endpoint: str, manifest: Path, work: Path, index: int) -> dict[str, float]:
+    """Download the file once with each tool into fresh folders; return seconds per tool.
+
+    The tools take turns going first, and the page cache is flushed (os.sync, untimed)
+    before each one, so no tool pays for writing back the previous tool's file.
+    """
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_TELEMETRY": "1",
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "XDG_DATA_HOME": str(work / "data"),
            "HF_HUB_CACHE": str(work / "qreg-cache"), "XDG_CONFIG_HOME": str(work / "config")}
     url = f"{endpoint}/{REPO}/resolve/main/{file.name}"
-    hf_wall, hf_call = timed(
-        [sys.executable, "-c", HF_DOWNLOAD, REPO, file.name, str(work / "hf-cache"), endpoint], env)
-    qreg_wall, _ = timed([installed_command("qreg"), "pull", "Q8_0", "--manifest", str(manifest), "-q"], env)
-    shutil.rmtree(work / "data", ignore_errors=True)
-    shutil.rmtree(work / "qreg-cache", ignore_errors=True)
-    _, pull_call = timed([sys.executable, "-c", QREG_PULL, str(manifest)], env)
-    seconds = {
-        "curl": timed(["curl", "-sSL", "-o", str(work / "curl.out"), url], env)[0],
-        "hf_hub_download": hf_wall,
-        "qreg pull": qreg_wall,
-        "hf_hub_download call": float(hf_call),
-        "hub.pull call": float(pull_call),
+    commands = {
+        "curl": ["curl", "-sSL", "-o", str(work / "curl.out"), url],
+        "hf_hub_download": [sys.executable, "-c", HF_DOWNLOAD, REPO, file.name, str(work / "hf-cache"), endpoint],
+        "qreg pull": [installed_command("qreg"), "pull", "Q8_0", "--manifest", str(manifest), "-q"],
+        "hub.pull call": [sys.executable, "-c", QREG_PULL, str(manifest)],
     }
+    names = list(commands)
+    names = names[index % len(names):] + names[:index % len(names)]
+    seconds: dict[str, float] = {}
+    for name in names:
+        for leftover in ("curl.out", "hf-cache", "data", "qreg-cache"):
+            remove(work / leftover)
+        os.sync()
+        wall, printed = timed(commands[name], env)
+        seconds[name] = wall
+        if name == "hf_hub_download":
+            seconds["hf_hub_download call"] = float(printed)
+        elif name == "hub.pull call":
+            seconds[name] = float(printed)
     shutil.rmtree(work, ignore_errors=True)
-    return seconds
+    return {name: seconds[name] for name in ("curl", "hf_hub_download", "qreg pull",
+                                             "hf_hub_download call", "hub.pull call")}
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def main() -> None:
@@ -190,7 +209,7 @@ def main() -> None:
         write_manifest(manifest, file, sha256)
         mirror, endpoint = start_mirror(file)
         try:
-            runs = [one_run(file, endpoint, manifest, folder / "work") for _ in range(args.runs)]
+            runs = [one_run(file, endpoint, manifest, folder / "work", index) for index in range(args.runs)]
         finally:
             mirror.terminate()
             mirror.wait(timeout=10)

@@ -2,13 +2,12 @@
 
 huggingface_hub builds the URLs, sends the metadata requests (HEAD on `/resolve/`,
 model info, paths-info) and raises its typed errors, which are turned into qreg's.
-The bytes themselves go through httpx here. `hf_hub_download` (huggingface_hub 2.4.0)
-writes to a partial file named uniquely per run and deletes it on failure, so a pull
-could not resume across runs. It also does not check the sha256 of what it wrote.
-
-The transfer appends to a stable partial file under qreg's data dir, resumes with a
-Range request, and hashes every byte as it arrives (on a second thread, together with
-the write), so verifying costs no extra pass. docs/pull.md describes the whole design.
+The bytes go through registry.transfer instead of `hf_hub_download` (huggingface_hub
+2.4.0), which writes to a partial file named uniquely per run and deletes it on
+failure, so a pull could not resume across runs, and does not check the sha256 of
+what it wrote. The transfer appends to a stable partial file under qreg's data dir,
+resumes with a Range request, and hashes every byte as it arrives. docs/pull.md
+describes the whole design.
 
 huggingface_hub reads HF_ENDPOINT, HF_HUB_OFFLINE and HF_TOKEN once, at import. qreg
 reads them on every call instead and passes them explicitly.
@@ -16,17 +15,13 @@ reads them on every call instead and passes them explicitly.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import queue
 import re
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
-from urllib.parse import urlsplit
 
 from registry import store
 from registry.errors import (
@@ -38,6 +33,7 @@ from registry.errors import (
     QregError,
 )
 from registry.manifest import Manifest, Variant
+from registry.transfer import MAX_BACKOFF, Download, TransientError, origin, short_error
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +42,6 @@ DEFAULT_REVISION = "main"
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_RETRIES = 5
 DEFAULT_BACKOFF = 1.0
-MAX_BACKOFF = 16.0
-# Received pieces are written and hashed in batches of BATCH_BYTES, or BATCH_PIECES
-# pieces (below the IOV_MAX of 1024 that os.writev accepts). A batch is also flushed
-# every BATCH_SECONDS, so a slow download keeps its partial file current for a resume.
-BATCH_BYTES = 4 * 1024 * 1024
-BATCH_PIECES = 512
-BATCH_SECONDS = 0.5
-WRITE_QUEUE_BATCHES = 8
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -104,10 +92,6 @@ def file_url(repo: str, file: str, revision: str) -> str:
 
 
 # -- errors ------------------------------------------------------------------
-
-
-class TransientError(Exception):
-    """A failure worth retrying: a dropped connection, a timeout, HTTP 429 or 5xx."""
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -220,14 +204,9 @@ def with_retries(call: Callable[[], T], *, what: str, notes: _Notes, retries: in
             if not _is_transient(error) or attempt == retries:
                 raise
             wait = min(backoff * 2**attempt, MAX_BACKOFF)
-            notes.warn(f"{what} failed ({_short(error)}); retrying in {wait:.1f} s (retry {attempt + 1} of {retries})")
+            notes.warn(f"{what} failed ({short_error(error)}); retrying in {wait:.1f} s (retry {attempt + 1} of {retries})")
             time.sleep(wait)
     raise AssertionError("unreachable")
-
-
-def _short(error: BaseException) -> str:
-    text = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 # -- metadata ----------------------------------------------------------------
@@ -352,249 +331,6 @@ def fetch_repo_pins(
     commit = _checked_commit(info.sha, f"{hub_endpoint()}/api/models/{repo}")
     found = fetch_paths_info(repo, files, commit, notes=notes, retries=retries, backoff=backoff)
     return RepoPins(repo=repo, revision=revision, commit=commit, files=found)
-
-
-# -- the transfer ------------------------------------------------------------
-
-
-class _Worker:
-    """A thread that applies one function to every batch put on its bounded queue, in order."""
-
-    def __init__(self, name: str, handle: Callable[[list[bytes]], None]):
-        self.error: BaseException | None = None
-        self._handle = handle
-        self._queue: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_BATCHES)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def put(self, pieces: list[bytes] | None) -> None:
-        self._queue.put(pieces)
-
-    def join(self) -> None:
-        self._thread.join()
-
-    def _run(self) -> None:
-        while (pieces := self._queue.get()) is not None:
-            if self.error is not None:
-                continue  # drain the queue so put never blocks after a failure
-            try:
-                self._handle(pieces)
-            except BaseException as error:  # handed to the reading thread
-                self.error = error
-
-
-class _HashingWriter:
-    """Appends batches of received bytes to the partial file and hashes them, on two threads.
-
-    hashlib and os.writev release the GIL, so writing, hashing and reading the socket
-    run side by side. `close` waits until every submitted byte is written (to the page
-    cache) and hashed.
-    """
-
-    def __init__(self, path: Path, digest: Any):
-        self.digest = digest
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._writer = _Worker("qreg-write", lambda pieces: _write_all(self._fd, pieces))
-        self._hasher = _Worker("qreg-hash", self._hash)
-
-    def _hash(self, pieces: list[bytes]) -> None:
-        for piece in pieces:
-            self.digest.update(piece)
-
-    def submit(self, pieces: list[bytes]) -> None:
-        self._raise_error()
-        self._writer.put(pieces)
-        self._hasher.put(pieces)
-
-    def close(self) -> None:
-        for worker in (self._writer, self._hasher):
-            worker.put(None)
-        for worker in (self._writer, self._hasher):
-            worker.join()
-        os.close(self._fd)
-        self._raise_error()
-
-    def _raise_error(self) -> None:
-        for worker in (self._writer, self._hasher):
-            if worker.error is not None:
-                raise worker.error
-
-
-def _write_all(fd: int, pieces: list[bytes]) -> None:
-    written = os.writev(fd, pieces)
-    total = sum(len(p) for p in pieces)
-    if written == total:
-        return
-    rest = b"".join(pieces)[written:]
-    while rest:
-        rest = rest[os.write(fd, rest):]
-
-
-class _RestartFromZero(Exception):
-    """The server cannot continue the partial (416 for a shorter file); start over."""
-
-
-@dataclass
-class _Download:
-    """One file's transfer into its partial: received bytes, the running sha256, retries."""
-
-    url: str
-    paths: store.VariantPaths
-    size: int
-    headers: dict[str, str]
-    notes: _Notes
-    retries: int
-    backoff: float
-    offset: int = 0
-    retried: int = 0
-    digest: Any = None
-    bar: Any = None
-    client: Any = None
-
-    def run(self, offset: int) -> str:
-        """Fetch the bytes after `offset`, retrying transient failures; return the sha256 hex."""
-        import httpx
-
-        self._start(offset)
-        timeout = httpx.Timeout(_timeout("HF_HUB_DOWNLOAD_TIMEOUT"))
-        try:
-            # One client for every attempt: building one loads the CA bundle, about 50 ms.
-            with httpx.Client(follow_redirects=True, timeout=timeout) as client:
-                self.client = client
-                self._loop()
-        finally:
-            if self.bar is not None:
-                self.bar.close()
-        return self.digest.hexdigest()
-
-    def _start(self, offset: int) -> None:
-        # A sha256 state cannot be saved, so the prefix already on disk is hashed again.
-        self.digest = store.hash_file(self.paths.partial, limit=offset) if offset else hashlib.sha256()
-        if offset:
-            self.notes.info(f"resuming {self.paths.file} at byte {offset} of {self.size}")
-        self.offset = offset
-        if self.notes.progress_enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.size, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                            desc=self.paths.file, dynamic_ncols=True, leave=False)
-
-    def _loop(self) -> None:
-        failures = 0
-        while self.offset < self.size:
-            before = self.offset
-            try:
-                self._attempt()
-            except _RestartFromZero:
-                self._truncate()
-                continue
-            except Exception as error:
-                if not _is_transient(error):
-                    raise
-                failures = 0 if self.offset > before else failures
-                failures += 1
-                if failures > self.retries:
-                    raise HubError(
-                        f"download of {self.paths.file} failed {failures} times in a row "
-                        f"({_short(error)}); {self.offset} of {self.size} bytes are kept",
-                        hint="run the same command again to resume",
-                    ) from None
-                self._wait(error, failures)
-
-    def _wait(self, error: BaseException, failures: int) -> None:
-        self.retried += 1
-        wait = min(self.backoff * 2 ** (failures - 1), MAX_BACKOFF)
-        self.notes.warn(
-            f"download of {self.paths.file} interrupted at byte {self.offset} of {self.size} "
-            f"({_short(error)}); resuming in {wait:.1f} s (retry {failures} of {self.retries})"
-        )
-        time.sleep(wait)
-
-    def _truncate(self) -> None:
-        os.truncate(self.paths.partial, 0)
-        self.offset = 0
-        self.digest = hashlib.sha256()
-        if self.bar is not None:
-            self.bar.reset(total=self.size)
-
-    def _attempt(self) -> None:
-        headers = dict(self.headers)
-        headers["Accept-Encoding"] = "identity"
-        if self.offset:
-            headers["Range"] = f"bytes={self.offset}-"
-        with self.client.stream("GET", self.url, headers=headers) as response:
-            self._check_response(response)
-            self._receive(response)
-
-        if self.offset < self.size:
-            # Only a body without Content-Length ends like this: the server closed early.
-            raise TransientError(f"connection closed after byte {self.offset} of {self.size}")
-
-    def _check_response(self, response: Any) -> None:
-        status = response.status_code
-        if status == 416:
-            log.info("server rejected Range bytes=%d- for %s; starting over", self.offset, self.paths.file)
-            raise _RestartFromZero()
-        if status == 429 or status >= 500:
-            raise TransientError(f"HTTP {status} from {urlsplit(self.url).netloc}")
-        if status in (401, 403):
-            raise AuthError(f"download of {self.paths.file} was rejected as unauthorized (HTTP {status})",
-                            hint=f"set HF_TOKEN to a token that can read {self.paths.repo}")
-        if status == 404:
-            raise NotFoundError(f"{self.paths.file} not found at its download location (HTTP 404)",
-                                hint="run the same command again; the hub may have moved the file")
-        if status not in (200, 206):
-            raise HubError(f"download of {self.paths.file} failed with HTTP {status}", hint="try again later")
-
-        if status == 200 and self.offset:
-            # The server ignored Range and sends the whole file: never append it to the partial.
-            self.notes.info(f"the server does not resume downloads; fetching {self.paths.file} from the start")
-            self._truncate()
-        elif status == 206:
-            self._check_content_range(response.headers.get("Content-Range", ""))
-
-    def _check_content_range(self, header: str) -> None:
-        match = re.match(r"^bytes (\d+)-(\d+)/(\d+|\*)$", header.strip())
-        if match is None or int(match.group(1)) != self.offset:
-            raise HubError(f"download of {self.paths.file}: Content-Range {header!r} does not start at byte {self.offset}",
-                           hint="run the same command again")
-
-    def _receive(self, response: Any) -> None:
-        writer = _HashingWriter(self.paths.partial, self.digest)
-        batch: list[bytes] = []
-        batch_bytes = 0
-        flush_at = time.monotonic() + BATCH_SECONDS
-        try:
-            for piece in response.iter_raw():
-                batch.append(piece)
-                batch_bytes += len(piece)
-                if batch_bytes >= BATCH_BYTES or len(batch) >= BATCH_PIECES or time.monotonic() >= flush_at:
-                    pending, batch, batch_bytes = (batch, batch_bytes), [], 0
-                    self._submit(writer, *pending)
-                    flush_at = time.monotonic() + BATCH_SECONDS
-        finally:
-            # Bytes that arrived before a dropped connection or Ctrl-C are kept for the resume.
-            try:
-                if batch:
-                    self._submit(writer, batch, batch_bytes)
-            finally:
-                self._close_writer(writer)
-
-    def _submit(self, writer: _HashingWriter, batch: list[bytes], batch_bytes: int) -> None:
-        if self.offset + batch_bytes > self.size:
-            raise HubError(f"the server sent more than the {self.size} bytes of {self.paths.file}",
-                           hint="run 'qreg rm' on the variant and pull it again")
-        writer.submit(batch)
-        self.offset += batch_bytes
-        if self.bar is not None:
-            self.bar.update(batch_bytes)
-
-    def _close_writer(self, writer: _HashingWriter) -> None:
-        try:
-            writer.close()
-        except OSError as error:
-            full = store.disk_full_error(self.paths, error)
-            raise (full or error) from None
 
 
 # -- pull --------------------------------------------------------------------
@@ -767,8 +503,9 @@ def _adopt_cached_blob(variant: Variant, paths: store.VariantPaths, expected: Ex
 def _download(variant: Variant, paths: store.VariantPaths, expected: Expected, remote: RemoteFile,
               notes: _Notes, retries: int, backoff: float) -> PullResult:
     offset = store.resume_offset(paths, sha256=expected.sha256, size=expected.size, commit=remote.commit)
-    transfer = _Download(url=remote.location, paths=paths, size=expected.size,
-                         headers=_download_headers(remote.location), notes=notes, retries=retries, backoff=backoff)
+    transfer = Download(url=remote.location, paths=paths, size=expected.size,
+                        headers=_download_headers(remote.location), notes=notes, retries=retries,
+                        backoff=backoff, timeout=_timeout("HF_HUB_DOWNLOAD_TIMEOUT"))
     try:
         store.check_free_space(paths, expected.size - offset, expected.size)
         paths.partial.touch()
@@ -800,15 +537,9 @@ def _download_headers(location: str) -> dict[str, str]:
 
     headers = {"User-Agent": f"qreg/{__version__}"}
     token = hub_token()
-    if token and _origin(location) == _origin(hub_endpoint()):
+    if token and origin(location) == origin(hub_endpoint()):
         headers["Authorization"] = f"Bearer {token}"
     return headers
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    default_port = {"http": 80, "https": 443}.get(parts.scheme)
-    return parts.scheme, (parts.hostname or "").lower(), parts.port or default_port
 
 
 def _pull_offline(manifest: Manifest, variant: Variant, paths: store.VariantPaths, requested: str) -> PullResult:
