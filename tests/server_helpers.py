@@ -21,6 +21,24 @@ from typing import Iterator
 HEALTH_TIMEOUT = 60.0
 
 
+def _die_with_pytest() -> None:
+    """Run in a child between fork and exec: have Linux kill it when pytest dies.
+
+    Without it, a pytest stopped by SIGTERM or SIGKILL leaves its llama-servers running.
+    """
+    import ctypes
+
+    pr_set_pdeathsig = 1  # from <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
+def child_options() -> dict:
+    """Return Popen options that tie a test's server process to pytest's life (Linux only)."""
+    import sys
+
+    return {"preexec_fn": _die_with_pytest} if sys.platform.startswith("linux") else {}
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -95,7 +113,8 @@ def llama_server(binary: Path, model: Path, *args: str, env: dict[str, str] | No
     url = f"http://127.0.0.1:{port}"
     command = [str(binary), "-m", str(model), "--embedding", "--host", "127.0.0.1", "--port", str(port), *args]
     process = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        **child_options(),
     )
     try:
         wait_healthy(process, url)
@@ -121,6 +140,7 @@ class QregServe:
             stderr=subprocess.PIPE,
             env=env,
             text=True,
+            **child_options(),
         )
         self.stdout = ""
         self.stderr = ""

@@ -25,6 +25,7 @@ from registry import hub
 from registry.gguf_header import ArrayValue, GGUFHeader, TensorInfo, read_header
 from registry.inspect import build_report, inspect_file, match_variant, tensor_type_histogram
 from registry.manifest import MIB, bits_per_weight, derive_status, load_manifest
+from server_helpers import child_options
 from test_gguf_header import assert_one_line_error, run_qreg, write_gguf
 
 PARAMETERS = 595_776_512
@@ -527,7 +528,7 @@ def tokenize_with_server(server_bin: Path, model: Path, extra: list[str]) -> lis
     port = free_port()
     command = [str(server_bin), "-m", str(model), "--embedding", "--pooling", "last"]
     command += ["--host", "127.0.0.1", "--port", str(port), "-c", "512", "-t", "1", *extra]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **child_options())
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base, process)
