@@ -17,6 +17,14 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS_DIR = REPO_ROOT / "scripts"
 
+# huggingface_hub reads these once, when it is first imported. With telemetry on, its
+# first request also fetches {HF_ENDPOINT}/api/agent-harnesses (huggingface_hub 2.4.0),
+# so a test that forgot to point HF_ENDPOINT at a mirror would reach out to the real hub.
+# Set before any test imports it: telemetry off, and a closed loopback port as the
+# import-time endpoint. Each test still sets HF_ENDPOINT for itself.
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+
 _ISOLATED_ENV_VARS = (
     "QREG_MANIFEST",
     "QREG_CONFIG",

@@ -1,5 +1,5 @@
 """Tests of registry.transfer beyond the fault tests: proxies, buffers that fill slowly,
-and how connection failures are classified."""
+how connection failures are classified, and that huggingface_hub stays on loopback."""
 
 from __future__ import annotations
 
@@ -166,3 +166,12 @@ def test_refused_download_retries_then_fails(random_repo, hf_mirror, monkeypatch
 
     assert "run the same command again" in raised.value.hint
     assert store.partial_info(store.paths_for(manifest, manifest.resolve("Q2_K"))) is None
+
+
+def test_hf_import_time_settings_stay_local():
+    # A request huggingface_hub makes on its own (telemetry, the agent registry) uses
+    # the endpoint it read at import, which the test session keeps on loopback.
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_DISABLE_TELEMETRY is True
+    assert constants.ENDPOINT.startswith("http://127.0.0.1:")
