@@ -46,7 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 from registry.estimate import MemoryEstimate, estimate_memory  # noqa: E402
 from registry.manifest import MIB, Manifest, load_manifest  # noqa: E402
-from registry.serving import ServeSettings  # noqa: E402
+from registry.serving import DEFAULT_UBATCH, ServeSettings  # noqa: E402
 
 SHORT_REQUEST_TOKENS = 200
 REQUEST_TIMEOUT_SECONDS = 1800.0
@@ -63,21 +63,22 @@ _BUFFER_RE = re.compile(r"(\S+)\s+(model|KV|output|compute) buffer size =\s+([\d
 
 @dataclass(frozen=True)
 class Case:
-    """One server start: variant, per-slot context, slots, KV cache type, and request length."""
+    """One server start: variant, per-slot context, slots, KV cache type, request length, micro-batch."""
 
     variant: str
     ctx: int
     parallel: int = 1
     cache_type: str = "f16"
     request: str = "short"  # "short" (about 200 tokens) or "full" (the longest a slot accepts)
+    ubatch: int = DEFAULT_UBATCH
 
     @property
     def label(self) -> str:
-        return f"{self.variant} ctx {self.ctx} x{self.parallel} {self.cache_type} {self.request}"
+        return f"{self.variant} ctx {self.ctx} x{self.parallel} {self.cache_type} ub {self.settings.ubatch} {self.request}"
 
     @property
     def settings(self) -> ServeSettings:
-        return ServeSettings(ctx=self.ctx, parallel=self.parallel, cache_type=self.cache_type, backend="cpu")
+        return ServeSettings(ctx=self.ctx, parallel=self.parallel, cache_type=self.cache_type, backend="cpu", ubatch_size=self.ubatch)
 
 
 @dataclass
@@ -92,25 +93,34 @@ class Measurement:
 
 
 def default_cases(quick: bool) -> list[Case]:
-    """Return the matrix: three variants x (512, 8192, 32768 with 1 slot; 8192 with 4) x (f16, q8_0), plus full inputs."""
+    """Return the matrix: three variants x (512, 8192, 32768 with 1 slot; 8192 with 4) x (f16, q8_0), plus full inputs.
+
+    Every case uses qreg's default micro-batch except one, which sets -ub to the
+    per-slot context, as qreg did before it had --ubatch. The full inputs of 2048
+    and 8192 tokens run as 4 and 16 micro-batches.
+    """
     variants = ("Q8_0", "Q4_K_M", "Q2_K")
     shapes = ((512, 1), (8192, 1), (32768, 1), (8192, 4))
     if quick:
-        return [Case("Q4_K_M", 512), Case("Q4_K_M", 8192, 4, "q8_0"), Case("Q8_0", 512, request="full")]
+        return [Case("Q4_K_M", 512), Case("Q4_K_M", 8192, 4, "q8_0"), Case("Q8_0", 2048, request="full")]
 
     cases = [Case(v, ctx, parallel, cache) for v in variants for ctx, parallel in shapes for cache in ("f16", "q8_0")]
     cases += [Case(v, 512, request="full") for v in variants]
     cases += [Case("Q4_K_M", 2048, request="full"), Case("Q8_0", 512, 2, "q8_0", request="full")]
+    cases += [Case("Q4_K_M", 2048, request="full", ubatch=2048), Case("Q2_K", 8192, request="full")]
     return cases
 
 
 def parse_case(text: str) -> Case:
-    """Parse VARIANT:CTX:SLOTS:CACHE:LENGTH, such as Q4_K_M:8192:1:f16:full."""
+    """Parse VARIANT:CTX:SLOTS:CACHE:LENGTH[:UBATCH], such as Q4_K_M:8192:1:f16:full or Q8_0:2048:1:f16:full:2048."""
     parts = text.split(":")
-    if len(parts) != 5 or parts[4] not in ("short", "full"):
-        raise SystemExit(f"invalid --case '{text}': expected VARIANT:CTX:SLOTS:CACHE:LENGTH, such as Q4_K_M:8192:1:f16:full")
-    variant, ctx, parallel, cache_type, length = parts
-    return Case(variant, int(ctx), int(parallel), cache_type, length)
+    if len(parts) not in (5, 6) or parts[4] not in ("short", "full"):
+        raise SystemExit(
+            f"invalid --case '{text}': expected VARIANT:CTX:SLOTS:CACHE:LENGTH[:UBATCH], such as Q4_K_M:8192:1:f16:full"
+        )
+    variant, ctx, parallel, cache_type, length = parts[:5]
+    ubatch = int(parts[5]) if len(parts) == 6 else DEFAULT_UBATCH
+    return Case(variant, int(ctx), int(parallel), cache_type, length, ubatch)
 
 
 def free_port() -> int:
@@ -211,7 +221,7 @@ def run_case(manifest: Manifest, server_bin: Path, model_path: Path, case: Case,
 def format_row(row: dict[str, Any]) -> str:
     logged = sum(row["llama_breakdown_mib"].values())
     return (
-        f"{row['label']:<32} {row['tokens']:>6} {row['estimate_bytes'] / MIB:>10.1f} "
+        f"{row['label']:<40} {row['tokens']:>6} {row['estimate_bytes'] / MIB:>10.1f} "
         f"{row['vmhwm_bytes'] / MIB:>10.1f} {row['error'] * 100:>+7.2f}%  {logged:>10.1f} {row['seconds']:>6.1f}"
     )
 
@@ -250,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--case",
         action="append",
-        metavar="VARIANT:CTX:SLOTS:CACHE:LENGTH",
-        help="run this case instead of the matrix, such as Q4_K_M:8192:1:f16:full (LENGTH is short or full); repeatable",
+        metavar="VARIANT:CTX:SLOTS:CACHE:LENGTH[:UBATCH]",
+        help="run this case instead of the matrix, such as Q4_K_M:8192:1:f16:full (LENGTH is short or full; "
+        f"UBATCH defaults to {DEFAULT_UBATCH}); repeatable",
     )
     parser.add_argument("--type-mix", action="store_true", help="print registry.estimate.TYPE_MIX from llama-quantize --dry-run and exit")
     args = parser.parse_args(argv)
@@ -272,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
 
     print(f"llama.cpp {make_fixtures.llama_version(bin_dir)}, {platform.machine()}, twin files in {twin.dir}")
-    print(f"{'case':<32} {'tokens':>6} {'estimate':>10} {'VmHWM':>10} {'error':>8}  {'logged':>10} {'s':>6}")
+    print(f"{'case':<40} {'tokens':>6} {'estimate':>10} {'VmHWM':>10} {'error':>8}  {'logged':>10} {'s':>6}")
     rows = []
     for case in cases:
         row = run_case(manifest, bin_dir / "llama-server", files[case.variant], case, log_dir)

@@ -69,6 +69,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("serve.ctx", "QREG_CTX", _positive_int, 8192, "per-slot context in tokens"),
         Setting("serve.parallel", "QREG_PARALLEL", _positive_int, 1, "number of parallel slots"),
         Setting("serve.cache_type", "QREG_CACHE_TYPE", _cache_type, "f16", "KV cache type: f16, q8_0 or q4_0"),
+        Setting("serve.ubatch", "QREG_UBATCH", _positive_int, 512, "micro-batch size in tokens (-b/-ub), at most ctx"),
         Setting("manifest", "QREG_MANIFEST", str, None, "path of the manifest to use instead of the shipped one"),
     )
 }

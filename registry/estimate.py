@@ -11,15 +11,20 @@ compares it with the peak resident memory (VmHWM) of the real llama-server:
                       the copy is anonymous memory on top of the mapped file
     kv_cache          layers x cells x (K row + V row), allocated and zeroed at load
     output_buffer     llama.cpp's host buffer of logits and embeddings per output
-                      token; in embedding mode every input token is an output
-    compute_buffer    ggml's graph buffer: the vocabulary projection (logits for every
-                      token), a few hidden-state rows per token, the attention mask
+                      token; in embedding mode every token of a logical batch (-b)
+                      is an output
+    compute_buffer    ggml's graph buffer for one micro-batch (-ub): the vocabulary
+                      projection (logits for every token), a few hidden-state rows
+                      per token, the attention mask
     runtime_overhead  the server process itself: code, tokenizer tables, HTTP threads
 
 Memory that is allocated but never touched does not count against RAM on Linux, so
-the token-dependent terms (output and compute buffers) are computed for the input
-length that is planned for: by default a full-context input (`settings.ctx` tokens),
-the worst case that `qreg recommend` must plan for.
+the token-dependent terms are computed for the input length that is planned for: by
+default a full-context input (`settings.ctx` tokens), the worst case that `qreg
+recommend` must plan for. An input longer than the batch runs as several batches
+that reuse the same buffers, so those terms stop growing at the batch size. Only
+the attention mask keeps growing with the input, because the last micro-batch
+attends to every earlier token.
 """
 
 from __future__ import annotations
@@ -283,7 +288,7 @@ def estimate_memory(
 
     placement = {name: "ram" for name in terms}
     if settings.backend in ("cuda", "vulkan"):
-        _offload_to_gpu(terms, placement, layout, shape, tokens)
+        _offload_to_gpu(terms, placement, layout, shape, settings, tokens)
     elif settings.backend == "metal":
         for name in ("weights", "kv_cache", "compute_buffer"):
             placement[name] = "unified"
@@ -299,7 +304,9 @@ def estimate_memory(
     )
 
 
-def _offload_to_gpu(terms: dict[str, int], placement: dict[str, str], layout: WeightLayout, shape: ModelShape, tokens: int) -> None:
+def _offload_to_gpu(
+    terms: dict[str, int], placement: dict[str, str], layout: WeightLayout, shape: ModelShape, settings: ServeSettings, tokens: int
+) -> None:
     """Move the offloaded terms to VRAM, for full offload (llama-server's default -ngl).
 
     llama.cpp keeps the input layer (token_embd, read by row lookups) in host memory
@@ -308,7 +315,7 @@ def _offload_to_gpu(terms: dict[str, int], placement: dict[str, str], layout: We
     """
     output_bytes = layout.output_bytes if layout.output_type else layout.token_embd_bytes
     terms["weights_on_gpu"] = layout.file_bytes - layout.token_embd_bytes + output_bytes
-    terms["host_compute_buffer"] = tokens * shape.n_embd * F32
+    terms["host_compute_buffer"] = min(tokens, settings.ubatch) * shape.n_embd * F32
     terms["gpu_runtime_overhead"] = GPU_DEVICE_OVERHEAD
     terms["runtime_overhead"] += GPU_HOST_OVERHEAD
 
@@ -363,26 +370,32 @@ def output_buffer_bytes(shape: ModelShape, settings: ServeSettings, tokens: int)
     """Output buffer: f32 logits (n_vocab) and embedding (n_embd) per output token.
 
     llama_context::output_reserve always reserves logits, and with embeddings on every
-    token of a batch is an output, so a t-token input needs (n_vocab + n_embd) x t
-    floats, with room for at least one row per slot. It is zeroed when allocated.
+    token of a logical batch is an output. llama-server hands llama_decode at most -b
+    tokens at a time, and the buffer is sized for the largest such batch (at least
+    one row per slot) and zeroed when allocated. So a t-token input needs
+    (n_vocab + n_embd) x min(t, -b) floats.
     """
-    outputs = max(tokens, settings.parallel)
+    outputs = max(min(tokens, settings.batch), settings.parallel)
     return (shape.n_vocab + shape.n_embd) * F32 * outputs
 
 
 def compute_buffer_bytes(shape: ModelShape, settings: ServeSettings, tokens: int) -> int:
-    """Compute buffer for a t-token micro-batch: logits, hidden-state rows, attention mask.
+    """Compute buffer for the largest micro-batch of a t-token input: logits, hidden-state rows, mask.
 
-    Qwen3's graph ends in the vocabulary projection even in embedding mode, so ggml's
-    allocator peaks there with t x n_vocab f32 logits. The attention mask is f16 with
-    flash attention (auto-enabled on every backend that qreg plans for), n_kv x t,
-    where n_kv is the slot's cells seen by the graph (a multiple of 256).
+    A micro-batch has u = min(t, -ub) tokens. Qwen3's graph ends in the vocabulary
+    projection even in embedding mode, so ggml's allocator peaks there with
+    u x n_vocab f32 logits. The attention mask is n_kv x u, in f16 because flash
+    attention is on (auto-enabled on every backend that qreg plans for). n_kv is the
+    number of cells the last micro-batch attends to, which is the whole input padded
+    to 256, at most the slot's cells. llama.cpp reserves the buffer for n_kv = all
+    cells (sched_reserve), but a shorter input never touches the rest of the mask.
     """
     _, cells = kv_cells(settings)
     n_kv = min(cells, max(CONTEXT_PAD, padded(tokens)))
-    logits = tokens * shape.n_vocab * F32
-    activations = tokens * (ACTIVATION_BYTES_PER_EMBD * shape.n_embd + ACTIVATION_BYTES_PER_TOKEN)
-    mask = n_kv * tokens * 2
+    micro_batch = min(tokens, settings.ubatch)
+    logits = micro_batch * shape.n_vocab * F32
+    activations = micro_batch * (ACTIVATION_BYTES_PER_EMBD * shape.n_embd + ACTIVATION_BYTES_PER_TOKEN)
+    mask = n_kv * micro_batch * 2
     return logits + activations + mask
 
 

@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 # other processes' growth, allocator fragmentation and untested platforms.
 HEADROOM = 0.10
 
+# Each halving of the micro-batch saves about 1.16 MiB per token, but below 64 tokens a
+# micro-batch uses the CPU poorly, so smaller sizes are never suggested.
+MIN_SUGGESTED_UBATCH = 64
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -259,7 +263,10 @@ def check_fit(estimate: MemoryEstimate, budget: Budget) -> tuple[bool, str]:
 
 def describe_settings(settings: ServeSettings) -> str:
     slots = "1 slot" if settings.parallel == 1 else f"{settings.parallel} slots"
-    return f"{settings.ctx}-token inputs, {slots}, {settings.cache_type} KV cache, {settings.backend}"
+    return (
+        f"{settings.ctx}-token inputs, {slots}, {settings.cache_type} KV cache, "
+        f"{settings.ubatch}-token micro-batches, {settings.backend}"
+    )
 
 
 def explain_pick(pick: RankedVariant, ranked: list[RankedVariant], budget: Budget, settings: ServeSettings) -> str:
@@ -310,13 +317,13 @@ def explain_nothing_fits(ranked: list[RankedVariant], budget: Budget, settings: 
     if token_buffers * 2 > smallest.estimate.total_bytes:
         message += (
             f" ({format_size(token_buffers)} of it is llama.cpp's output and compute buffers, "
-            "which hold logits over the whole vocabulary for every input token)"
+            "which hold logits over the whole vocabulary for every token of a micro-batch)"
         )
     return message
 
 
 def suggest_fixes(manifest: Manifest, device: Device, settings: ServeSettings, budget: Budget, ranked: list[RankedVariant]) -> list[str]:
-    """Find changes that make some eligible variant fit: a smaller --ctx, a quantized KV cache, fewer slots."""
+    """Find changes that make some eligible variant fit: a smaller --ctx, a quantized KV cache, fewer slots, a smaller micro-batch."""
     if not any(item.eligible for item in ranked):
         return []
 
@@ -345,7 +352,22 @@ def suggest_fixes(manifest: Manifest, device: Device, settings: ServeSettings, b
         variant = best_fit(dataclasses.replace(settings, parallel=1))
         if variant is not None:
             suggestions.append(f"--parallel 1 (then {variant.name} fits)")
+
+    ubatch_fix = smaller_ubatch_fix(settings, best_fit)
+    if ubatch_fix is not None:
+        suggestions.append(ubatch_fix)
     return suggestions
+
+
+def smaller_ubatch_fix(settings: ServeSettings, best_fit: Callable[[ServeSettings], Variant | None]) -> str | None:
+    """Suggest the largest halved micro-batch, down to MIN_SUGGESTED_UBATCH, at which some variant fits."""
+    ubatch = settings.ubatch // 2
+    while ubatch >= MIN_SUGGESTED_UBATCH:
+        variant = best_fit(dataclasses.replace(settings, ubatch_size=ubatch))
+        if variant is not None:
+            return f"--ubatch {ubatch} (then {variant.name} fits)"
+        ubatch //= 2
+    return None
 
 
 def largest_fitting_ctx(settings: ServeSettings, best_fit: Callable[[ServeSettings], Variant | None]) -> int | None:

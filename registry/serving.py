@@ -2,8 +2,15 @@
 
 `ctx` is the per-slot context: the longest input one request may have. llama-server's
 `-c` is the total context, which it divides evenly among its `-np` slots, so
-`-c = ctx x parallel`. With embeddings on, llama-server processes a whole input in
-one micro-batch, so `-b` and `-ub` must be at least the per-slot context.
+`-c = ctx x parallel`.
+
+`-b` and `-ub` (logical batch and micro-batch) need not cover a whole input.
+Qwen3-Embedding attends causally and pools the last token, so llama-server 11434
+splits a longer input over several micro-batches and returns the same vector (the
+KV cache carries the earlier tokens). What the micro-batch decides is memory: in
+embedding mode llama.cpp keeps f32 logits over the whole vocabulary for every token
+of a batch, about 1.16 MiB per token for Qwen's 151,669 tokens. qreg therefore
+passes a small micro-batch, `-b = -ub = min(ctx, ubatch)`.
 """
 
 from __future__ import annotations
@@ -18,16 +25,24 @@ DEFAULT_CTX = 8192
 DEFAULT_PARALLEL = 1
 DEFAULT_CACHE_TYPE = "f16"
 DEFAULT_BACKEND = "cpu"
+# llama-server's own default -ub; larger micro-batches were no faster for embeddings
+# in benchmarks/serve.py and cost about 1.16 MiB per token.
+DEFAULT_UBATCH = 512
 
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """The llama-server settings that decide memory: per-slot context, slots, KV cache type, backend."""
+    """The llama-server settings that decide memory: per-slot context, slots, KV cache type, backend, micro-batch.
+
+    `ubatch_size` is the requested micro-batch size. `ubatch` and `batch` are the
+    values passed to llama-server, capped at the per-slot context.
+    """
 
     ctx: int = DEFAULT_CTX
     parallel: int = DEFAULT_PARALLEL
     cache_type: str = DEFAULT_CACHE_TYPE
     backend: str = DEFAULT_BACKEND
+    ubatch_size: int = DEFAULT_UBATCH
     # The source of each value ("option", "env", "config", "detected" or "default"), ignored by ==.
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -41,6 +56,7 @@ class ServeSettings:
         backend: str | None = None,
         detected_backend: str | None = None,
         model_context: int | None = None,
+        ubatch: int | None = None,
     ) -> ServeSettings:
         """Resolve each setting (option > environment > config file > default) and validate it.
 
@@ -54,6 +70,7 @@ class ServeSettings:
         ctx_value, ctx_source = resolve("serve.ctx", ctx)
         parallel_value, parallel_source = resolve("serve.parallel", parallel)
         cache_value, cache_source = resolve("serve.cache_type", cache_type)
+        ubatch_value, ubatch_source = resolve("serve.ubatch", ubatch)
         if backend is not None:
             backend_value, backend_source = backend, "option"
         elif detected_backend is not None:
@@ -66,11 +83,13 @@ class ServeSettings:
             parallel=validate_parallel(parallel_value, parallel_source),
             cache_type=validate_cache_type(cache_value, cache_source),
             backend=validate_backend(backend_value),
+            ubatch_size=validate_ubatch(ubatch_value, ubatch_source),
             sources={
                 "ctx": ctx_source,
                 "parallel": parallel_source,
                 "cache_type": cache_source,
                 "backend": backend_source,
+                "ubatch": ubatch_source,
             },
         )
         return settings
@@ -82,13 +101,16 @@ class ServeSettings:
 
     @property
     def ubatch(self) -> int:
-        """Return the micro-batch size (`-ub`), equal to the per-slot context."""
-        return self.ctx
+        """Return the micro-batch size (`-ub`): `ubatch_size`, at most the per-slot context."""
+        return min(self.ctx, self.ubatch_size)
 
     @property
     def batch(self) -> int:
-        """Return the logical batch size (`-b`), equal to the per-slot context."""
-        return self.ctx
+        """Return the logical batch size (`-b`), equal to the micro-batch.
+
+        llama-server 11434 lowers `-b` to `-ub` in embedding mode anyway.
+        """
+        return self.ubatch
 
     @property
     def flash_attn(self) -> str | None:
@@ -103,6 +125,8 @@ class ServeSettings:
             "backend": self.backend,
             "total_context": self.total_context,
             "ubatch": self.ubatch,
+            "batch": self.batch,
+            "ubatch_size": self.ubatch_size,
             "flash_attn": self.flash_attn or "auto",
             "sources": dict(self.sources),
         }
@@ -134,6 +158,14 @@ def validate_parallel(value: int, source: str = "option") -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         where = _named(source, "--parallel", "serve.parallel")
         raise UsageError(f"invalid {where} {value!r}: the number of parallel slots must be 1 or more")
+    return value
+
+
+def validate_ubatch(value: int, source: str = "option") -> int:
+    """Check a micro-batch size in tokens (llama-server's -ub): at least 1."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        where = _named(source, "--ubatch", "serve.ubatch")
+        raise UsageError(f"invalid {where} {value!r}: the micro-batch size must be 1 or more tokens")
     return value
 
 

@@ -25,6 +25,7 @@ from registry.embed import (
 )
 from registry.errors import EmbedError, UsageError
 from registry.server import ADD_EOS_OVERRIDE
+from registry.serving import ServeSettings
 from server_helpers import free_port, llama_server
 
 EMBEDDING_LENGTH = 256  # the tiny fixture model's embedding length
@@ -37,8 +38,12 @@ def model(fixture_ggufs):
 
 
 def _server_args(parallel: int = 2) -> tuple[str, ...]:
-    total = SLOT_CONTEXT * parallel
-    return ("--pooling", "last", "-c", str(total), "-np", str(parallel), "-b", str(SLOT_CONTEXT), "-ub", str(SLOT_CONTEXT))
+    # The -c, -np, -b and -ub that `qreg serve --ctx 512 --parallel N` passes.
+    settings = ServeSettings(ctx=SLOT_CONTEXT, parallel=parallel)
+    return (
+        "--pooling", "last", "-c", str(settings.total_context), "-np", str(parallel),
+        "-b", str(settings.batch), "-ub", str(settings.ubatch),
+    )
 
 
 @pytest.fixture(scope="module")

@@ -96,15 +96,33 @@ def test_kv_cells_padding():
     [(256, 1, 153.25), (512, 1, 306.75), (1000, 1, 600.09), (2048, 1, 1232.99), (2048, 4, 1232.99), (8192, 1, 5027.97), (32768, 1, 21647.88)],
 )
 def test_compute_buffer_matches_llama_log(shape, ctx, parallel, logged_mib):
-    # llama.cpp reserves the compute buffer for a full micro-batch of ctx tokens.
-    settings = ServeSettings(ctx=ctx, parallel=parallel)
+    # These were logged with -ub equal to ctx: llama.cpp reserves the compute buffer
+    # for a full micro-batch attending to every cell, as a full-context input touches it.
+    settings = ServeSettings(ctx=ctx, parallel=parallel, ubatch_size=ctx)
     assert abs(mib(compute_buffer_bytes(shape, settings, ctx)) - logged_mib) <= 0.02
+
+
+@pytest.mark.parametrize("ctx,logged_mib", [(2048, 308.25), (8192, 314.25)])
+def test_compute_buffer_default_ubatch_matches_llama_log(shape, ctx, logged_mib):
+    # With -ub 512 the reserved buffer contains 512 tokens of logits and a mask over all cells.
+    settings = ServeSettings(ctx=ctx)
+    assert abs(mib(compute_buffer_bytes(shape, settings, ctx)) - logged_mib) <= 0.02
+
+
+def test_compute_buffer_stops_at_ubatch(shape):
+    settings = ServeSettings(ctx=8192)
+    at_ubatch = compute_buffer_bytes(shape, settings, 512)
+    full = compute_buffer_bytes(shape, settings, 8192)
+    # Only the mask grows past the micro-batch: 512 tokens x 7680 more cells x 2 bytes.
+    assert full - at_ubatch == 512 * (8192 - 512) * 2
+    assert compute_buffer_bytes(shape, settings, 200) < at_ubatch
 
 
 def test_compute_buffer_tiny_shape():
     # The tiny fixture (n_embd 256, n_ff 512) logged 4907.97 MiB at ubatch 8192.
     tiny = ModelShape(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, key_length=64, value_length=64, n_ff=512, n_vocab=151669, n_ctx_train=32768)
-    assert abs(mib(compute_buffer_bytes(tiny, ServeSettings(ctx=8192), 8192)) - 4907.97) <= 0.02
+    settings = ServeSettings(ctx=8192, ubatch_size=8192)
+    assert abs(mib(compute_buffer_bytes(tiny, settings, 8192)) - 4907.97) <= 0.02
 
 
 def test_output_buffer_one_row_per_slot(shape):
@@ -112,8 +130,12 @@ def test_output_buffer_one_row_per_slot(shape):
     assert mib(output_buffer_bytes(shape, ServeSettings(ctx=2048, parallel=4), 0)) == 2.33
 
 
-def test_output_buffer_grows_with_tokens(shape):
-    assert output_buffer_bytes(shape, ServeSettings(ctx=8192), 8192) == (151669 + 1024) * 4 * 8192
+def test_output_buffer_grows_to_batch(shape):
+    row = (151669 + 1024) * 4
+    assert output_buffer_bytes(shape, ServeSettings(ctx=8192), 300) == row * 300
+    assert output_buffer_bytes(shape, ServeSettings(ctx=8192), 8192) == row * 512
+    assert output_buffer_bytes(shape, ServeSettings(ctx=8192, ubatch_size=8192), 8192) == row * 8192
+    assert output_buffer_bytes(shape, ServeSettings(ctx=256), 8192) == row * 256
 
 
 # Weights and repacking ---------------------------------------------------------------------
@@ -185,10 +207,20 @@ def test_estimate_defaults_to_full_context(manifest):
     assert full.total_bytes == explicit.total_bytes
 
 
-def test_estimate_twin_q8_0_full_input(manifest):
-    # llama-server's VmHWM after a 511-token input at ctx 512 on the twin was 1325.6 MiB.
-    estimate = estimate_memory(manifest.model, manifest.resolve("Q8_0"), ServeSettings(ctx=512), request_tokens=511, cpu_features=X86_AVX512)
-    assert abs(estimate.total_bytes / MIB - 1325.6) / 1325.6 < 0.01
+@pytest.mark.parametrize(
+    "variant,ctx,ubatch,tokens,vmhwm_mib",
+    [
+        ("Q8_0", 512, 512, 511, 1325.6),
+        ("Q4_K_M", 2048, 512, 2047, 1471.2),
+        ("Q4_K_M", 2048, 2048, 2047, 3282.4),
+        ("Q2_K", 8192, 512, 8191, 1934.6),
+    ],
+)
+def test_estimate_twin_full_input(manifest, variant, ctx, ubatch, tokens, vmhwm_mib):
+    # llama-server's VmHWM after one full input on the twin (benchmarks/memory.py, x86-64 with AVX-512).
+    settings = ServeSettings(ctx=ctx, ubatch_size=ubatch)
+    estimate = estimate_memory(manifest.model, manifest.resolve(variant), settings, request_tokens=tokens, cpu_features=X86_AVX512)
+    assert abs(estimate.total_bytes / MIB - vmhwm_mib) / vmhwm_mib < 0.01
 
 
 def test_estimate_terms_sum(manifest):
@@ -277,7 +309,12 @@ def load_memory_benchmark():
 @pytest.mark.skipif(platform.system() != "Linux", reason="VmHWM is read from /proc")
 @pytest.mark.parametrize(
     "variant,ctx,parallel,cache_type,length",
-    [("Q8_0", 512, 1, "f16", "short"), ("Q4_K_M", 256, 2, "q8_0", "short"), ("Q2_K", 512, 1, "f16", "full")],
+    [
+        ("Q8_0", 512, 1, "f16", "short"),
+        ("Q4_K_M", 256, 2, "q8_0", "short"),
+        ("Q2_K", 512, 1, "f16", "full"),
+        ("Q2_K", 2048, 1, "f16", "full"),  # four micro-batches of 512 tokens
+    ],
 )
 def test_estimate_matches_llama_server(fixture_ggufs, llama_server_bin, tmp_path, variant, ctx, parallel, cache_type, length):
     benchmark = load_memory_benchmark()

@@ -176,7 +176,9 @@ def test_pick_fits_with_headroom(manifest):
 
 
 def test_nothing_fits_reason_and_suggestions(manifest):
-    result = recommend(manifest, make_device(), ServeSettings(ctx=8192), ram_bytes=2 * GB)
+    # A micro-batch of the whole context makes the two vocabulary-sized buffers most of the need.
+    settings = ServeSettings(ctx=8192, ubatch_size=8192)
+    result = recommend(manifest, make_device(), settings, ram_bytes=2 * GB)
     assert result.pick is None
     assert "no variant fits" in result.reason
     assert "smallest eligible" in result.reason
@@ -185,7 +187,25 @@ def test_nothing_fits_reason_and_suggestions(manifest):
     assert ctx_hint
     ctx = int(ctx_hint[0].split()[1])
     assert ctx % 256 == 0
-    assert recommend(manifest, make_device(), ServeSettings(ctx=ctx), ram_bytes=2 * GB).pick is not None
+    assert recommend(manifest, make_device(), replace(settings, ctx=ctx), ram_bytes=2 * GB).pick is not None
+
+
+def test_nothing_fits_suggests_smaller_ubatch(manifest):
+    result = recommend(manifest, make_device(), ServeSettings(ctx=8192), ram_bytes=2 * GB)
+    assert result.pick is None
+    assert "logits" not in result.reason  # the KV cache, not the buffers, is the largest term here
+    ubatch_hint = [text for text in result.suggestions if text.startswith("--ubatch ")]
+    assert ubatch_hint == ["--ubatch 256 (then Q5_1 fits)"]
+    smaller = recommend(manifest, make_device(), ServeSettings(ctx=8192, ubatch_size=256), ram_bytes=2 * GB)
+    assert smaller.pick.name == "Q5_1"
+
+
+def test_no_ubatch_hint_below_minimum(manifest):
+    # At --ctx 64 the micro-batch is already 64 tokens, the smallest that is suggested.
+    settings = ServeSettings(ctx=64)
+    result = recommend(manifest, make_device(), settings, ram_bytes=100 * MIB)
+    assert result.pick is None
+    assert not any(text.startswith("--ubatch") for text in result.suggestions)
 
 
 def test_nothing_fits_suggests_quantized_cache(manifest):
@@ -255,7 +275,10 @@ def test_to_dict_has_terms_and_ranking(manifest):
 def test_from_options_defaults():
     settings = ServeSettings.from_options(model_context=32768)
     assert (settings.ctx, settings.parallel, settings.cache_type, settings.backend) == (8192, 1, "f16", "cpu")
-    assert settings.sources == {"ctx": "default", "parallel": "default", "cache_type": "default", "backend": "default"}
+    assert (settings.ubatch_size, settings.ubatch, settings.batch) == (512, 512, 512)
+    assert settings.sources == {
+        "ctx": "default", "parallel": "default", "cache_type": "default", "backend": "default", "ubatch": "default",
+    }
 
 
 def test_from_options_precedence(monkeypatch, isolated_user_dirs):
@@ -263,14 +286,28 @@ def test_from_options_precedence(monkeypatch, isolated_user_dirs):
 
     write_setting("serve.ctx", "1024")
     write_setting("serve.parallel", "3")
+    write_setting("serve.ubatch", "128")
     monkeypatch.setenv("QREG_CTX", "2048")
     settings = ServeSettings.from_options(cache_type="q8_0", detected_backend="metal", model_context=32768)
     assert settings.ctx == 2048
     assert settings.parallel == 3
     assert settings.cache_type == "q8_0"
     assert settings.backend == "metal"
-    assert settings.sources == {"ctx": "env", "parallel": "config", "cache_type": "option", "backend": "detected"}
+    assert settings.ubatch == 128
+    assert settings.sources == {
+        "ctx": "env", "parallel": "config", "cache_type": "option", "backend": "detected", "ubatch": "config",
+    }
     assert ServeSettings.from_options(ctx=4096).ctx == 4096
+    assert ServeSettings.from_options(ubatch=64).ubatch == 64
+
+
+def test_ubatch_capped_at_ctx():
+    settings = ServeSettings.from_options(ctx=300, ubatch=4096)
+    assert settings.ubatch_size == 4096
+    assert settings.ubatch == 300
+    assert settings.batch == 300
+    assert settings.to_dict()["ubatch"] == 300
+    assert settings.to_dict()["ubatch_size"] == 4096
 
 
 def test_from_options_flags_for_quantized_cache():
@@ -285,6 +322,8 @@ def test_from_options_flags_for_quantized_cache():
         ({"ctx": -5}, "invalid --ctx -5"),
         ({"ctx": 40000}, "the model's context is 32768 tokens"),
         ({"parallel": 0}, "invalid --parallel 0"),
+        ({"ubatch": 0}, "invalid --ubatch 0: the micro-batch size must be 1 or more tokens"),
+        ({"ubatch": -512}, "invalid --ubatch -512"),
         ({"cache_type": "q5_1"}, "f16, q8_0, q4_0"),
         ({"backend": "tpu"}, "cpu, cuda, metal, vulkan"),
     ],
@@ -303,6 +342,13 @@ def test_from_options_bad_env(monkeypatch):
     assert "QREG_PARALLEL" in caught.value.one_line()
 
 
+def test_from_options_bad_env_ubatch(monkeypatch):
+    monkeypatch.setenv("QREG_UBATCH", "0")
+    with pytest.raises(UsageError) as caught:
+        ServeSettings.from_options()
+    assert "invalid value '0' for serve.ubatch from QREG_UBATCH" in caught.value.one_line()
+
+
 def test_from_options_bad_config_cache_type(isolated_user_dirs):
     config = isolated_user_dirs / "config" / "qreg" / "config.toml"
     config.parent.mkdir(parents=True)
@@ -316,15 +362,16 @@ def test_from_options_bad_config_cache_type(isolated_user_dirs):
 def test_serving_options_decorator():
     @click.command()
     @serving_options
-    def show(ctx, parallel, cache_type):
-        settings = ServeSettings.from_options(ctx=ctx, parallel=parallel, cache_type=cache_type)
-        click.echo(f"{settings.ctx} {settings.parallel} {settings.cache_type}")
+    def show(ctx, parallel, cache_type, ubatch):
+        settings = ServeSettings.from_options(ctx=ctx, parallel=parallel, cache_type=cache_type, ubatch=ubatch)
+        click.echo(f"{settings.ctx} {settings.parallel} {settings.cache_type} {settings.ubatch}")
 
-    result = CliRunner().invoke(show, ["--ctx", "512", "--parallel", "2", "--cache-type", "q8_0"])
-    assert result.output.strip() == "512 2 q8_0"
+    result = CliRunner().invoke(show, ["--ctx", "512", "--parallel", "2", "--cache-type", "q8_0", "--ubatch", "128"])
+    assert result.output.strip() == "512 2 q8_0 128"
     help_text = CliRunner().invoke(show, ["--help"]).output
     assert "QREG_CTX" in help_text
     assert "llama-server's -c" in help_text
+    assert "QREG_UBATCH" in help_text
 
 
 # qreg recommend -----------------------------------------------------------------------------------
@@ -378,6 +425,33 @@ def test_cli_64gb_picks_q8_0(no_gpu_tools):
     assert json.loads(result.stdout)["pick"] == "Q8_0"
 
 
+def test_cli_3gb_default_ctx_picks_q8_0(no_gpu_tools):
+    # With 512-token micro-batches, Q8_0 at ctx 8192 needs 2.13 GiB: 0.6 GiB of weights,
+    # 0.875 GiB of f16 KV cache, 0.6 GiB of output and compute buffers, 60 MiB runtime.
+    data = json.loads(run(["--ram", "3GB", "--json"]).stdout)
+    assert data["pick"] == "Q8_0"
+    assert data["settings"]["ctx"] == 8192
+    assert data["settings"]["ubatch"] == 512
+    assert data["estimate"]["total_bytes"] < 2.2 * GIB
+
+
+def test_cli_2gb_default_ctx_nothing_fits(no_gpu_tools):
+    # 2GB is 1.86 GiB. At ctx 8192 the f16 KV cache alone is 896 MiB, so even IQ2_XXS
+    # (the smallest eligible, 219 MiB of weights) needs 1.93 GiB with headroom.
+    # A q8_0 KV cache (476 MiB) or 256-token micro-batches make room.
+    result = run(["--ram", "2GB"])
+    assert result.exit_code == NothingFitsError.exit_code
+    assert "IQ2_XXS, needs 1.93 GiB of RAM with headroom" in result.output
+    assert "--cache-type q8_0 (then Q6_K fits)" in result.output
+    assert "--ubatch 256 (then Q5_1 fits)" in result.output
+
+    cache = json.loads(run(["--ram", "2GB", "--cache-type", "q8_0", "--json"]).stdout)
+    assert cache["pick"] == "Q6_K"
+    assert cache["settings"]["ctx"] == 8192
+    ubatch = json.loads(run(["--ram", "2GB", "--ubatch", "256", "--json"]).stdout)
+    assert ubatch["pick"] == "Q5_1"
+
+
 def test_cli_2gb_small_ctx_picks(no_gpu_tools):
     result = run(["--ram", "2GB", "--ctx", "512", "--json"])
     data = json.loads(result.stdout)
@@ -411,6 +485,8 @@ def test_cli_help_says_what_gb_means():
         (["--ctx", "0"], "invalid --ctx 0"),
         (["--ctx", "32769"], "the model's context is 32768 tokens"),
         (["--parallel", "0"], "invalid --parallel 0"),
+        (["--ubatch", "0"], "invalid --ubatch 0"),
+        (["--ubatch", "lots"], "'lots' is not a valid integer"),
         (["--backend", "tpu"], "invalid --backend 'tpu'"),
         (["--cache-type", "q5"], "invalid --cache-type 'q5'"),
         (["--backend", "cuda", "--ram", "8GB"], "no free VRAM known"),

@@ -46,8 +46,8 @@ def test_args_defaults():
         "--pooling", "last",
         "-c", "8192",
         "-np", "1",
-        "-b", "8192",
-        "-ub", "8192",
+        "-b", "512",
+        "-ub", "512",
         "--override-kv", ADD_EOS_OVERRIDE,
         "-ngl", "0",
         "--host", "127.0.0.1",
@@ -56,15 +56,22 @@ def test_args_defaults():
 
 
 @pytest.mark.parametrize(
-    "ctx,parallel,total",
-    [(8192, 1, 8192), (2048, 4, 8192), (512, 8, 4096), (32768, 2, 65536), (1, 1, 1)],
+    "ctx,parallel,total,batch",
+    [(8192, 1, 8192, 512), (2048, 4, 8192, 512), (512, 8, 4096, 512), (256, 2, 512, 256), (32768, 2, 65536, 512), (1, 1, 1, 1)],
 )
-def test_args_slot_arithmetic(ctx, parallel, total):
+def test_args_slot_arithmetic(ctx, parallel, total, batch):
     args = build_server_args(LaunchSpec(model_path=MODEL, settings=ServeSettings(ctx=ctx, parallel=parallel)))
     assert flag_value(args, "-c") == str(total)
     assert flag_value(args, "-np") == str(parallel)
-    assert flag_value(args, "-b") == str(ctx)
-    assert flag_value(args, "-ub") == str(ctx)
+    assert flag_value(args, "-b") == str(batch)
+    assert flag_value(args, "-ub") == str(batch)
+
+
+@pytest.mark.parametrize("ctx,ubatch,expected", [(8192, 2048, 2048), (8192, 8192, 8192), (1024, 4096, 1024), (8192, 1, 1)])
+def test_args_ubatch_capped_at_ctx(ctx, ubatch, expected):
+    args = build_server_args(LaunchSpec(model_path=MODEL, settings=ServeSettings(ctx=ctx, ubatch_size=ubatch)))
+    assert flag_value(args, "-b") == str(expected)
+    assert flag_value(args, "-ub") == str(expected)
 
 
 @pytest.mark.parametrize("cache_type", ["q8_0", "q4_0"])
@@ -264,20 +271,24 @@ def test_dry_run_default_command(llama_server_bin, tiny_q4):
     assert result.exit_code == 0, result.stderr
     expected = [
         str(llama_server_bin), "-m", str(tiny_q4.resolve()), "--embedding", "--pooling", "last",
-        "-c", "8192", "-np", "1", "-b", "8192", "-ub", "8192",
+        "-c", "8192", "-np", "1", "-b", "512", "-ub", "512",
         "--override-kv", ADD_EOS_OVERRIDE, "-ngl", "0", "--host", "127.0.0.1", "--port", "8080",
     ]
     assert shlex.split(result.stdout) == expected
-    assert "per-slot limit: 8191 tokens per input (-c 8192 = 8192 x 1 slot; -b/-ub 8192)" in result.stderr
+    assert "per-slot limit: 8191 tokens per input (-c 8192 = 8192 x 1 slot; -b/-ub 512)" in result.stderr
 
 
 @pytest.mark.parametrize(
     "options,expected,note",
     [
-        (["--ctx", "2048", "--parallel", "4"], {"-c": "8192", "-np": "4", "-b": "2048", "-ub": "2048"},
-         "per-slot limit: 2047 tokens per input (-c 8192 = 2048 x 4 slots; -b/-ub 2048)"),
-        (["--ctx", "512", "--parallel", "8"], {"-c": "4096", "-np": "8", "-b": "512", "-ub": "512"},
-         "per-slot limit: 511 tokens per input (-c 4096 = 512 x 8 slots; -b/-ub 512)"),
+        (["--ctx", "2048", "--parallel", "4"], {"-c": "8192", "-np": "4", "-b": "512", "-ub": "512"},
+         "per-slot limit: 2047 tokens per input (-c 8192 = 2048 x 4 slots; -b/-ub 512)"),
+        (["--ctx", "256", "--parallel", "8"], {"-c": "2048", "-np": "8", "-b": "256", "-ub": "256"},
+         "per-slot limit: 255 tokens per input (-c 2048 = 256 x 8 slots; -b/-ub 256)"),
+        (["--ubatch", "2048"], {"-c": "8192", "-b": "2048", "-ub": "2048"},
+         "per-slot limit: 8191 tokens per input (-c 8192 = 8192 x 1 slot; -b/-ub 2048)"),
+        (["--ctx", "1024", "--ubatch", "4096"], {"-c": "1024", "-b": "1024", "-ub": "1024"},
+         "per-slot limit: 1023 tokens per input (-c 1024 = 1024 x 1 slot; -b/-ub 1024)"),
         (["--cache-type", "q4_0"], {"-ctk": "q4_0", "-ctv": "q4_0", "-fa": "on"}, "per-slot limit: 8191"),
         (["--port", "9123", "--threads", "2"], {"--port": "9123", "-t": "2"}, "per-slot limit: 8191"),
     ],
@@ -293,11 +304,22 @@ def test_dry_run_option_sets(llama_server_bin, tiny_q4, options, expected, note)
 
 def test_dry_run_settings_from_env_and_config(llama_server_bin, tiny_q4, monkeypatch):
     config.write_setting("serve.ctx", "1024")
+    config.write_setting("serve.ubatch", "2048")
     monkeypatch.setenv("QREG_PARALLEL", "3")
     result = dry_run(llama_server_bin, "--model", str(tiny_q4))
     args = shlex.split(result.stdout)
     assert flag_value(args, "-c") == "3072"
     assert flag_value(args, "-ub") == "1024"
+
+
+def test_dry_run_ubatch_from_env(llama_server_bin, tiny_q4, monkeypatch):
+    monkeypatch.setenv("QREG_UBATCH", "256")
+    result = dry_run(llama_server_bin, "--model", str(tiny_q4), "--json")
+    data = json.loads(result.stdout)
+    assert flag_value(data["args"], "-ub") == "256"
+    assert flag_value(data["args"], "-b") == "256"
+    assert data["settings"]["ubatch"] == 256
+    assert data["settings"]["sources"]["ubatch"] == "env"
 
 
 def test_dry_run_masks_api_key(llama_server_bin, tiny_q4):
@@ -362,6 +384,9 @@ def test_dry_run_loopback_no_warning(llama_server_bin, tiny_q4):
         (["--ctx", "0"], "--ctx"),
         (["--ctx", "40000"], "--ctx"),
         (["--parallel", "0"], "--parallel"),
+        (["--ubatch", "0"], "invalid --ubatch 0: the micro-batch size must be 1 or more tokens"),
+        (["--ubatch", "-8"], "invalid --ubatch -8"),
+        (["--ubatch", "many"], "'many' is not a valid integer"),
         (["--cache-type", "q5_1"], "--cache-type"),
         (["--port", "70000"], "--port"),
         (["Q4_K_M"], "not both"),
@@ -377,6 +402,24 @@ def test_dry_run_invalid_env_setting(llama_server_bin, tiny_q4):
     result = dry_run(llama_server_bin, "--model", str(tiny_q4), env={"QREG_CTX": "lots"})
     assert result.exit_code == UsageError.exit_code
     assert "QREG_CTX" in result.stderr
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "half"])
+def test_dry_run_invalid_env_ubatch(llama_server_bin, tiny_q4, text):
+    result = dry_run(llama_server_bin, "--model", str(tiny_q4), env={"QREG_UBATCH": text})
+    assert result.exit_code == UsageError.exit_code
+    assert f"invalid value '{text}' for serve.ubatch from QREG_UBATCH" in result.stderr
+    assert result.stdout == ""
+
+
+def test_dry_run_invalid_config_ubatch_keeps_file(llama_server_bin, tiny_q4, isolated_user_dirs):
+    path = config.config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("[serve]\nubatch = 0\n")
+    result = dry_run(llama_server_bin, "--model", str(tiny_q4))
+    assert result.exit_code == UsageError.exit_code
+    assert "invalid value '0' for serve.ubatch" in result.stderr
+    assert path.read_text() == "[serve]\nubatch = 0\n"
 
 
 def test_dry_run_missing_model_file(llama_server_bin, tmp_path):

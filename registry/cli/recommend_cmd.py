@@ -18,10 +18,10 @@ from registry.units import SIZE_FORMS, format_size, parse_size, to_mib
 
 
 def serving_options(command: Callable) -> Callable:
-    """Add --ctx, --parallel and --cache-type; each resolves option > env > config > default.
+    """Add --ctx, --parallel, --cache-type and --ubatch; each resolves option > env > config > default.
 
-    The values reach the command as ctx, parallel and cache_type, None when not given;
-    pass them to ServeSettings.from_options, which resolves and validates them.
+    The values reach the command as ctx, parallel, cache_type and ubatch, None when not
+    given; pass them to ServeSettings.from_options, which resolves and validates them.
     """
     options = [
         click.option(
@@ -45,6 +45,15 @@ def serving_options(command: Callable) -> Callable:
             metavar="TYPE",
             help=f"KV cache type: {', '.join(CACHE_TYPES)} (llama-server's -ctk/-ctv; quantized types turn on "
             "flash attention) [default: f16; env: QREG_CACHE_TYPE; config: serve.cache_type].",
+        ),
+        click.option(
+            "--ubatch",
+            type=int,
+            default=None,
+            metavar="TOKENS",
+            help="Micro-batch size in tokens (llama-server's -b and -ub), at most ctx; longer inputs are "
+            "split over several micro-batches with the same result, and each token of a micro-batch costs "
+            "about 1.2 MiB of memory [default: 512; env: QREG_UBATCH; config: serve.ubatch].",
         ),
     ]
     for option in reversed(options):
@@ -88,6 +97,7 @@ def recommend_command(
     ctx: int | None,
     parallel: int | None,
     cache_type: str | None,
+    ubatch: int | None,
     allow_low_quality: bool,
     include_reference: bool,
     show_all: bool,
@@ -128,6 +138,7 @@ def recommend_command(
         ctx=ctx,
         parallel=parallel,
         cache_type=cache_type,
+        ubatch=ubatch,
         backend=backend,
         detected_backend=device.backend,
         model_context=manifest.model.context_length,

@@ -208,6 +208,7 @@ def serve_command(
     ctx: int | None,
     parallel: int | None,
     cache_type: str | None,
+    ubatch: int | None,
     backend: str | None,
     host: str | None,
     port: int | None,
@@ -244,7 +245,7 @@ def serve_command(
     manifest = load_manifest(manifest_path)
     device = detect_device()
     settings = ServeSettings.from_options(
-        ctx=ctx, parallel=parallel, cache_type=cache_type, backend=backend or device.backend,
+        ctx=ctx, parallel=parallel, cache_type=cache_type, ubatch=ubatch, backend=backend or device.backend,
         model_context=manifest.model.context_length,
     )
     host_value, _ = resolve("serve.host", host)
