@@ -11,14 +11,16 @@ resident memory VmHWM is read from /proc/PID/status and the server is stopped.
 The estimate is `estimate_memory` for the same variant and settings, computed from
 the shipped manifest as `qreg recommend` does, for the request's token count. Each
 row prints both, the error, and the sum of the buffers llama.cpp logs (model, KV,
-output, compute; -lv 4 makes it log them). Those are reserved sizes: the compute and
-output buffers are sized for a full micro-batch and only partly touched by a short
-request, and the process itself is left out, so the sum is no prediction of VmHWM.
+output, compute; -lv 4 makes it log them). Those are reserved sizes, and no
+prediction of VmHWM. The compute buffer is reserved for a full micro-batch and only
+partly touched by a short request. The output buffer is logged at its first size,
+one row per slot, before a request grows it. The process itself is left out.
 
-Linux only (VmHWM). The default matrix takes about 5 minutes on 2 cores once the
-twin's files are cached; building them first takes a few more.
+Linux only (VmHWM). The default matrix takes about 6 minutes on 2 cores once the
+twin's files are cached, 3 of them for the 8191-token input; building the files
+first takes a few more.
 
-Usage: benchmarks/memory.py [--quick] [--json FILE] [--type-mix]
+Usage: benchmarks/memory.py [--quick] [--json FILE] [--case VARIANT:CTX:SLOTS:CACHE:LENGTH[:UBATCH]] [--type-mix]
 """
 
 from __future__ import annotations
