@@ -451,7 +451,7 @@ def test_dry_run_warns_when_estimate_exceeds_memory(llama_server_bin, fixture_gg
     )
     assert result.exit_code == 0, result.stderr
     assert "Q4_K_M with --ctx 32768 x --parallel 4096 needs about" in result.stderr
-    assert "available; lower --ctx or --parallel" in result.stderr
+    assert "available; lower --ctx, --parallel or --ubatch" in result.stderr
 
 
 def test_dry_run_no_memory_warning_when_it_fits(llama_server_bin, fixture_ggufs):

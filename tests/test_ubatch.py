@@ -24,7 +24,7 @@ from registry.serving import DEFAULT_UBATCH, ServeSettings
 from server_helpers import free_port, process_gone
 
 SLOT_CONTEXT = 4096
-LONG_TOKENS = 3000  # about six micro-batches of 512
+LONG_TOKENS = 3000  # six micro-batches of 512
 SAME_VECTOR = 0.9999
 
 # Words that Qwen's tokenizer encodes as one token each, with their leading space.
@@ -68,8 +68,9 @@ def whole_ubatch_url(llama_server_bin, model, tmp_path_factory):
 
 
 def text_of(words: int, seed: int) -> str:
+    """Return a text of `words` tokens; every word has its leading space, the first one too."""
     rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(words))
+    return "".join(" " + rng.choice(WORDS) for _ in range(words))
 
 
 def embed_one(url: str, text: str) -> tuple[int, list[float]]:
@@ -89,13 +90,15 @@ def test_default_flags_use_small_ubatch(model):
     assert args[args.index("-c") + 1] == str(SLOT_CONTEXT)
 
 
-def test_long_input_same_vector(small_ubatch_url, whole_ubatch_url):
-    text = text_of(LONG_TOKENS - 1, seed=1)
+@pytest.mark.parametrize("tokens", [LONG_TOKENS, SLOT_CONTEXT - 1])
+def test_long_input_same_vector(small_ubatch_url, whole_ubatch_url, tokens):
+    # The server appends EOS to the tokens - 1 words.
+    text = text_of(tokens - 1, seed=tokens)
     split_tokens, split = embed_one(small_ubatch_url, text)
     whole_tokens, whole = embed_one(whole_ubatch_url, text)
 
-    assert split_tokens == whole_tokens
-    assert split_tokens > 5 * DEFAULT_UBATCH
+    assert split_tokens == tokens
+    assert whole_tokens == tokens
     assert cosine(split, whole) >= SAME_VECTOR
 
 
@@ -125,7 +128,7 @@ def test_over_limit_rejected_by_client(small_ubatch_url):
 
 
 def test_over_limit_rejected_by_server(small_ubatch_url):
-    # The server rejects the input by itself too; the client above checks /props before sending.
+    # The server rejects the input by itself too, while the client test above stops it before sending.
     response = httpx.post(f"{small_ubatch_url}/v1/embeddings", json={"input": [text_of(SLOT_CONTEXT, seed=7)]}, timeout=60)
     assert response.status_code == 400
     assert "exceeds the available context size" in response.json()["error"]["message"]

@@ -108,13 +108,15 @@ def recommend_command(
     """Pick the best variant whose llama-server fits this device's memory.
 
     The estimate covers a full-context input: weights, KV cache, llama-server's output
-    and compute buffers and its runtime, plus 10 % headroom (docs/recommend.md).
+    and compute buffers (sized by the micro-batch) and its runtime, plus 10 % headroom
+    (docs/recommend.md).
 
     \b
     Examples:
       qreg recommend
-      qreg recommend --ram 2GB --ctx 1024
-      qreg recommend --ram 4GB --ctx 2048 --cache-type q8_0
+      qreg recommend --ram 3GB
+      qreg recommend --ram 2GB --ctx 4096
+      qreg recommend --ram 2GB --cache-type q8_0
       qreg recommend --ram 1GB --ctx 256
       qreg recommend --ram 16GB --backend metal --json
       qreg recommend --show-device

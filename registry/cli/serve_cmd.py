@@ -106,7 +106,7 @@ def _recommended_pulled(manifest, settings, device) -> ModelChoice:
     if variant is None:
         raise NothingFitsError(
             f"none of the pulled variants ({', '.join(sorted(pulled))}) is eligible and fits: {recommendation.reason}",
-            hint="name the variant to serve it anyway, or lower --ctx or --parallel",
+            hint="name the variant to serve it anyway, or lower --ctx, --parallel or --ubatch",
         )
     path = store.pulled_path(manifest, variant)
     if path is None:
@@ -158,7 +158,7 @@ def warn_if_too_big(choice: ModelChoice, manifest, settings, device, output: Out
             output.warn(
                 f"{choice.label} with --ctx {settings.ctx} x --parallel {settings.parallel} needs about "
                 f"{format_size(needed)} of {pool}, more than the {format_size(available)} available; "
-                "lower --ctx or --parallel, or pick a smaller variant ('qreg recommend')"
+                "lower --ctx, --parallel or --ubatch, or pick a smaller variant ('qreg recommend')"
             )
 
 
