@@ -11,16 +11,20 @@ quantized by llama-quantize (docs/fixtures.md).
    qreg's first start on a file reads its GGUF header ("cold"); later starts use the
    cached facts ("warm"). qreg runs with a bytecode cache, as in a normal install.
 2. Throughput: 64 requests of 256 tokens each (EOS included), from 8 client threads,
-   against qreg's default flags, against `qreg serve --ctx 4096 --parallel 8` (the
-   card's -c with qreg's batch sizes), against qreg's defaults with `-- -b 512 -ub 512`
-   (llama-server takes the last value of a repeated flag), and against the card's own command line
-   (`-c 32768 -np 8`, default batch). Every text is different, so no slot reuses a
-   cached prefix. Then single inputs of 600, 2,000 and 4,100 tokens show which
-   lengths each command line serves.
+   against qreg's default flags (`-b`/`-ub` 512), against `qreg serve --ctx 4096
+   --parallel 8` (the card's -c with qreg's batch sizes), against qreg's defaults with
+   `--ubatch 8192` (one micro-batch per input, qreg's flags before --ubatch existed),
+   and against the card's own command line (`-c 32768 -np 8`, default batch). Every
+   text is different, so no slot reuses a cached prefix. Then single inputs of 600,
+   2,000 and 4,100 tokens show which lengths each command line serves.
+3. With --ubatch-sweep (off by default): for each micro-batch size in UBATCH_SWEEP,
+   `qreg serve --ctx 4096 --ubatch N`, the time of one 2,000-token input (the median
+   of 3) and the throughput of the 64 short requests, with llama-server's peak RSS.
 
 Results are printed as Markdown tables and, with --json FILE, written as JSON.
 
 Usage: benchmarks/serve.py [--variants Q4_K_M,Q8_0] [--runs N] [--requests N] [--json FILE] [--build-twin]
+                           [--skip-starts] [--skip-throughput] [--ubatch-sweep]
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ REQUEST_TIMEOUT = 900.0
 TOKENS_PER_REQUEST = 256
 CLIENT_THREADS = 8
 LONG_INPUTS = (600, 2000, 4100)
+UBATCH_SWEEP = (64, 128, 256, 512, 1024, 2048)
+SWEEP_INPUT_TOKENS = 2000
+SWEEP_REPEATS = 3
 CARD_ARGS = ("--embedding", "--pooling", "last", "-c", "32768", "-np", "8")
 
 # Common English words that Qwen's tokenizer encodes as one token each with a leading space.
@@ -160,7 +167,7 @@ def qreg_env(home: Path, bytecode_cache: Path) -> dict[str, str]:
     env["PYTHONPYCACHEPREFIX"] = str(bytecode_cache)
     for name in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME"):
         env[name] = str(home / name.lower())
-    for name in ("QREG_CTX", "QREG_PARALLEL", "QREG_CACHE_TYPE", "QREG_API_KEY", "QREG_HOST", "QREG_PORT"):
+    for name in ("QREG_CTX", "QREG_PARALLEL", "QREG_CACHE_TYPE", "QREG_UBATCH", "QREG_API_KEY", "QREG_HOST", "QREG_PORT"):
         env.pop(name, None)
     return env
 
@@ -245,7 +252,7 @@ def throughput(qreg: str, model: Path, server_bin: Path, requests: int, home: Pa
     setups = {
         "qreg defaults (--ctx 8192 --parallel 1)": ("qreg", ()),
         "qreg --ctx 4096 --parallel 8": ("qreg", ("--ctx", "4096", "--parallel", "8")),
-        "qreg defaults -- -b 512 -ub 512": ("qreg", ("--", "-b", "512", "-ub", "512")),
+        "qreg --ubatch 8192": ("qreg", ("--ubatch", "8192")),
         "card: -c 32768 -np 8, default batch": ("card", ()),
     }
     results = {}
@@ -273,6 +280,36 @@ def throughput(qreg: str, model: Path, server_bin: Path, requests: int, home: Pa
     return results
 
 
+def ubatch_sweep(qreg: str, model: Path, server_bin: Path, requests: int, home: Path, bytecode: Path) -> dict:
+    """Return, per micro-batch size, the seconds of one long input, the short-request rate and peak RSS."""
+    env = qreg_env(home, bytecode)
+    results = {}
+    for seed, ubatch in enumerate(UBATCH_SWEEP):
+        port = free_port()
+        command = [
+            qreg, "serve", "--model", str(model), "--server-bin", str(server_bin), "--port", str(port), "-q",
+            "--ctx", "4096", "--ubatch", str(ubatch),
+        ]
+        with Server(command, port, env) as server:
+            server.wait_healthy()
+            long_seconds = []
+            for repeat in range(SWEEP_REPEATS):
+                # A different text each time, so no cached prefix shortens the work.
+                [text] = make_texts(1, SWEEP_INPUT_TOKENS - 1, seed=2000 + 10 * seed + repeat)
+                started = time.perf_counter()
+                httpx.post(f"{server.url}/v1/embeddings", json={"input": [text]}, timeout=REQUEST_TIMEOUT).raise_for_status()
+                long_seconds.append(time.perf_counter() - started)
+            load = run_load(server.url, make_texts(requests, TOKENS_PER_REQUEST - 1, seed=3000 + seed))
+            results[ubatch] = {
+                "long_input_seconds": statistics.median(long_seconds),
+                "tokens_per_second": load["tokens_per_second"],
+                "failed": load["failed"],
+                "peak_rss_mib": server.peak_rss_mib(),
+            }
+        print(f"  --ubatch {ubatch}: {results[ubatch]}", file=sys.stderr)
+    return results
+
+
 # --- report --------------------------------------------------------------------------------------
 
 
@@ -293,6 +330,8 @@ def print_report(report: dict) -> None:
         print_starts(report["starts"])
     if report["throughput"]:
         print_throughput(report)
+    if report["ubatch_sweep"]:
+        print_sweep(report)
 
 
 def print_starts(starts: dict) -> None:
@@ -316,6 +355,20 @@ def print_throughput(report: dict) -> None:
             print(f"| {variant} | {label} | {load['tokens_per_second']:.0f} | {load['failed']} | {rss} | {statuses} |")
 
 
+def print_sweep(report: dict) -> None:
+    print(f"\n### Micro-batch size: --ctx 4096, one {SWEEP_INPUT_TOKENS}-token input (median of {SWEEP_REPEATS}), "
+          f"then {report['requests']} requests of {TOKENS_PER_REQUEST} tokens\n")
+    print(f"| variant | --ubatch | {SWEEP_INPUT_TOKENS}-token input s | tokens/s, short requests | failed | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for variant, sizes in report["ubatch_sweep"].items():
+        for ubatch, result in sizes.items():
+            rss = f"{result['peak_rss_mib']:.0f}" if result["peak_rss_mib"] else "-"
+            print(
+                f"| {variant} | {ubatch} | {result['long_input_seconds']:.2f} | {result['tokens_per_second']:.0f} "
+                f"| {result['failed']} | {rss} |"
+            )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="Q4_K_M,Q8_0", help="twin variants to use (default Q4_K_M,Q8_0)")
@@ -323,6 +376,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=64, help="requests per throughput run (default 64)")
     parser.add_argument("--skip-throughput", action="store_true", help="measure start times only")
     parser.add_argument("--skip-starts", action="store_true", help="measure throughput only")
+    parser.add_argument("--ubatch-sweep", action="store_true", help=f"also time --ubatch {', '.join(map(str, UBATCH_SWEEP))}")
     parser.add_argument("--build-twin", action="store_true", help="quantize missing twin variants first (minutes)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     return parser.parse_args(argv)
@@ -338,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     twin = make_fixtures.Twin(bin_dir)
     qreg = installed_command("qreg")
 
-    report = {"machine": machine_line(), "requests": args.requests, "starts": {}, "throughput": {}}
+    report = {"machine": machine_line(), "requests": args.requests, "starts": {}, "throughput": {}, "ubatch_sweep": {}}
     with tempfile.TemporaryDirectory(prefix="qreg-bench-serve.") as scratch:
         home, bytecode = Path(scratch) / "home", Path(scratch) / "pycache"
         for variant in args.variants.split(","):
@@ -352,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
             if not args.skip_throughput:
                 print(f"{variant}: throughput", file=sys.stderr)
                 report["throughput"][variant] = throughput(qreg, model, server_bin, args.requests, home, bytecode)
+            if args.ubatch_sweep:
+                print(f"{variant}: micro-batch sizes", file=sys.stderr)
+                report["ubatch_sweep"][variant] = ubatch_sweep(qreg, model, server_bin, args.requests, home, bytecode)
 
     print_report(report)
     if args.json:

@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 # other processes' growth, allocator fragmentation and untested platforms.
 HEADROOM = 0.10
 
-# Each halving of the micro-batch saves about 1.16 MiB per token, but below 64 tokens a
-# micro-batch uses the CPU poorly, so smaller sizes are never suggested.
+# Each halving of the micro-batch saves about 1.16 MiB per token of it. Suggestions
+# stop at 64 tokens, the smallest size benchmarks/serve.py --ubatch-sweep measured.
 MIN_SUGGESTED_UBATCH = 64
 
 
