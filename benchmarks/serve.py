@@ -16,7 +16,9 @@ quantized by llama-quantize (docs/fixtures.md).
    `--ubatch 8192` (one micro-batch per input, qreg's flags before --ubatch existed),
    and against the card's own command line (`-c 32768 -np 8`, default batch). Every
    text is different, so no slot reuses a cached prefix. Then single inputs of 600,
-   2,000 and 4,100 tokens show which lengths each command line serves.
+   2,000 and 4,100 tokens show which lengths each command line serves. With
+   --rounds N the setups take turns N times and the median rate is reported, which
+   evens out a machine whose speed drifts during the run.
 3. With --ubatch-sweep (off by default): for each micro-batch size in UBATCH_SWEEP,
    `qreg serve --ctx 4096 --ubatch N`, the time of one 2,000-token input (the median
    of 3) and the throughput of the 64 short requests, with llama-server's peak RSS.
@@ -25,6 +27,7 @@ Results are printed as Markdown tables and, with --json FILE, written as JSON.
 
 Usage: benchmarks/serve.py [--variants Q4_K_M,Q8_0] [--runs N] [--requests N] [--json FILE] [--build-twin]
                            [--skip-starts] [--skip-throughput] [--ubatch-sweep]
+                           [--setups defaults,parallel8,ubatch8192,card] [--rounds N]
 """
 
 from __future__ import annotations
@@ -247,37 +250,63 @@ def long_inputs(url: str, appends_eos: bool) -> dict[int, int]:
     return statuses
 
 
-def throughput(qreg: str, model: Path, server_bin: Path, requests: int, home: Path, bytecode: Path) -> dict:
-    env = qreg_env(home, bytecode)
-    setups = {
-        "qreg defaults (--ctx 8192 --parallel 1)": ("qreg", ()),
-        "qreg --ctx 4096 --parallel 8": ("qreg", ("--ctx", "4096", "--parallel", "8")),
-        "qreg --ubatch 8192": ("qreg", ("--ubatch", "8192")),
-        "card: -c 32768 -np 8, default batch": ("card", ()),
-    }
-    results = {}
-    for seed, (label, (kind, options)) in enumerate(setups.items()):
-        port = free_port()
-        if kind == "qreg":
-            command = [qreg, "serve", "--model", str(model), "--server-bin", str(server_bin), "--port", str(port), "-q", *options]
-        else:
-            command = [str(server_bin), "-m", str(model), *CARD_ARGS, "--host", "127.0.0.1", "--port", str(port)]
-        appends_eos = kind == "qreg"
+# Throughput setups, by the short name --setups takes: (label, kind, qreg serve options).
+SETUPS = {
+    "defaults": ("qreg defaults (--ctx 8192 --parallel 1)", "qreg", ()),
+    "parallel8": ("qreg --ctx 4096 --parallel 8", "qreg", ("--ctx", "4096", "--parallel", "8")),
+    "ubatch8192": ("qreg --ubatch 8192", "qreg", ("--ubatch", "8192")),
+    "card": ("card: -c 32768 -np 8, default batch", "card", ()),
+}
 
-        with Server(command, port, env) as server:
-            server.wait_healthy()
-            # Every setup embeds the same tokens: 255 words and one EOS, appended by the server or here.
-            texts = make_texts(requests, TOKENS_PER_REQUEST - 1, seed=1000 + seed)
-            if not appends_eos:
-                texts = [text + EOS_TEXT for text in texts]
-            mean_tokens = statistics.mean(token_count(server.url, text) for text in texts[:8])
-            load = run_load(server.url, texts)
-            load["mean_tokens_sampled"] = mean_tokens
+
+def throughput(qreg: str, model: Path, server_bin: Path, requests: int, home: Path, bytecode: Path,
+               setups: list[str], rounds: int) -> dict:
+    """Run each setup `rounds` times, taking turns, and report the median rate per setup.
+
+    The long inputs and the peak RSS are measured in the first round only.
+    """
+    env = qreg_env(home, bytecode)
+    results: dict[str, dict] = {}
+    for round_index in range(rounds):
+        order = setups[round_index % len(setups):] + setups[:round_index % len(setups)]
+        for name in order:
+            label = SETUPS[name][0]
+            load = throughput_once(qreg, model, server_bin, requests, env, name, first=round_index == 0)
+            if label in results:
+                results[label]["rounds_tokens_per_second"].append(load["tokens_per_second"])
+                results[label]["failed"] += load["failed"]
+            else:
+                results[label] = {**load, "rounds_tokens_per_second": [load["tokens_per_second"]]}
+            print(f"  round {round_index + 1}, {label}: {load['tokens_per_second']:.0f} tokens/s", file=sys.stderr)
+
+    for load in results.values():
+        load["tokens_per_second"] = statistics.median(load["rounds_tokens_per_second"])
+    return results
+
+
+def throughput_once(qreg: str, model: Path, server_bin: Path, requests: int, env: dict, name: str, *, first: bool) -> dict:
+    _label, kind, options = SETUPS[name]
+    port = free_port()
+    if kind == "qreg":
+        command = [qreg, "serve", "--model", str(model), "--server-bin", str(server_bin), "--port", str(port), "-q", *options]
+    else:
+        command = [str(server_bin), "-m", str(model), *CARD_ARGS, "--host", "127.0.0.1", "--port", str(port)]
+    appends_eos = kind == "qreg"
+
+    with Server(command, port, env) as server:
+        server.wait_healthy()
+        # Every setup embeds the same tokens: 255 words and one EOS, appended by the server or here.
+        seed = list(SETUPS).index(name)
+        texts = make_texts(requests, TOKENS_PER_REQUEST - 1, seed=1000 + seed)
+        if not appends_eos:
+            texts = [text + EOS_TEXT for text in texts]
+        mean_tokens = statistics.mean(token_count(server.url, text) for text in texts[:8])
+        load = run_load(server.url, texts)
+        load["mean_tokens_sampled"] = mean_tokens
+        if first:
             load["long_inputs"] = long_inputs(server.url, appends_eos)
             load["peak_rss_mib"] = server.peak_rss_mib()
-        results[label] = load
-        print(f"  {label}: {load['tokens_per_second']:.0f} tokens/s, long inputs {load['long_inputs']}", file=sys.stderr)
-    return results
+    return load
 
 
 def ubatch_sweep(qreg: str, model: Path, server_bin: Path, requests: int, home: Path, bytecode: Path) -> dict:
@@ -352,7 +381,10 @@ def print_throughput(report: dict) -> None:
         for label, load in setups.items():
             statuses = " | ".join(str(load["long_inputs"][length]) for length in LONG_INPUTS)
             rss = f"{load['peak_rss_mib']:.0f}" if load["peak_rss_mib"] else "-"
-            print(f"| {variant} | {label} | {load['tokens_per_second']:.0f} | {load['failed']} | {rss} | {statuses} |")
+            rate = f"{load['tokens_per_second']:.0f}"
+            if len(load["rounds_tokens_per_second"]) > 1:
+                rate += " (" + ", ".join(f"{value:.0f}" for value in load["rounds_tokens_per_second"]) + ")"
+            print(f"| {variant} | {label} | {rate} | {load['failed']} | {rss} | {statuses} |")
 
 
 def print_sweep(report: dict) -> None:
@@ -377,6 +409,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-throughput", action="store_true", help="measure start times only")
     parser.add_argument("--skip-starts", action="store_true", help="measure throughput only")
     parser.add_argument("--ubatch-sweep", action="store_true", help=f"also time --ubatch {', '.join(map(str, UBATCH_SWEEP))}")
+    parser.add_argument("--setups", default=",".join(SETUPS),
+                        help=f"throughput setups to run, from {', '.join(SETUPS)} (default all)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="throughput rounds; setups take turns and the median is reported (default 1)")
     parser.add_argument("--build-twin", action="store_true", help="quantize missing twin variants first (minutes)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     return parser.parse_args(argv)
@@ -384,6 +420,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    setups = args.setups.split(",")
+    unknown = [name for name in setups if name not in SETUPS]
+    if unknown or args.rounds < 1:
+        raise SystemExit(f"benchmark: unknown setup {', '.join(unknown)} or --rounds below 1; setups: {', '.join(SETUPS)}")
     # SIGTERM becomes SystemExit, so the servers this script started are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     make_fixtures = load_make_fixtures()
@@ -405,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
                 report["starts"][variant] = time_starts(qreg, model, server_bin, args.runs, home, bytecode)
             if not args.skip_throughput:
                 print(f"{variant}: throughput", file=sys.stderr)
-                report["throughput"][variant] = throughput(qreg, model, server_bin, args.requests, home, bytecode)
+                report["throughput"][variant] = throughput(qreg, model, server_bin, args.requests, home, bytecode,
+                                                          setups, args.rounds)
             if args.ubatch_sweep:
                 print(f"{variant}: micro-batch sizes", file=sys.stderr)
                 report["ubatch_sweep"][variant] = ubatch_sweep(qreg, model, server_bin, args.requests, home, bytecode)
