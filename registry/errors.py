@@ -12,10 +12,12 @@ class QregError(Exception):
     exit_code = 1
     kind = "error"
 
-    def __init__(self, message: str, *, hint: str | None = None):
+    def __init__(self, message: str, *, hint: str | None = None, details: dict | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        # With --json, these keys go into the error's document beside "error".
+        self.details = details
 
     def one_line(self) -> str:
         """Return the message and, when there is one, the next step, as one line."""
@@ -132,3 +134,27 @@ class LockedError(QregError):
 # Exit codes for signals follow the shell convention 128 + signal number.
 EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C)
 EXIT_TERMINATED = 143  # SIGTERM
+
+
+def os_error(error: OSError) -> QregError:
+    """Turn an OSError that no command handled into a one-line QregError.
+
+    A full disk or quota becomes DiskSpaceError (exit 10); anything else keeps exit 1
+    and names the path and the system's reason.
+    """
+    import errno
+
+    reason = error.strerror or str(error) or type(error).__name__
+    paths = [str(name) for name in (error.filename, error.filename2) if name is not None]
+    where = f" ({' -> '.join(paths)})" if paths else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskSpaceError(f"no space left on the device{where}", hint="free some space and run the command again")
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "check the permissions of that path, or point XDG_DATA_HOME, XDG_CONFIG_HOME or HF_HOME elsewhere"
+    elif error.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST):
+        hint = "a file or folder is in the way at that path: move it and run the command again"
+    else:
+        hint = "check that path and run the command again"
+    if not paths:
+        hint = "run the command again with QREG_DEBUG=1 to see where it failed"
+    return QregError(f"file system error: {reason}{where}", hint=hint)

@@ -45,3 +45,65 @@ def test_missing_argument(qreg_exe):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Missing argument 'VARIANT'" in result.stderr
+
+
+# --- file system errors and QREG_DEBUG ----------------------------------------------
+
+
+def test_data_dir_is_file_one_line(qreg_exe, tmp_path, monkeypatch, random_repo):
+    # Tests run as root, which ignores permissions, so a regular file is put where
+    # qreg's data folder should be.
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("XDG_DATA_HOME", str(blocker))
+
+    result = run(qreg_exe, "pull", "Q2_K", "--manifest", str(random_repo.manifest_path))
+
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "qreg: error: file system error: Not a directory (" in result.stderr
+    assert str(blocker) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert blocker.read_text() == "x"
+
+
+def test_data_dir_is_file_json(qreg_exe, tmp_path, monkeypatch, random_repo):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("XDG_DATA_HOME", str(blocker))
+
+    result = run(qreg_exe, "rm", "Q2_K", "--manifest", str(random_repo.manifest_path), "--json")
+
+    assert result.returncode == 1
+    error = json.loads(result.stdout)["error"]
+    assert error["type"] == "error"
+    assert "Not a directory" in error["message"]
+
+
+def test_config_dir_is_file_one_line(qreg_exe, tmp_path, monkeypatch):
+    blocker = tmp_path / "config-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(blocker))
+
+    result = run(qreg_exe, "config", "set", "serve.ctx", "2048")
+
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert str(blocker) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert blocker.read_text() == "x"
+
+
+def test_debug_keeps_exit_code(qreg_exe, monkeypatch):
+    monkeypatch.setenv("QREG_DEBUG", "1")
+    result = run(qreg_exe, "info", "nosuch")
+    assert result.returncode == 3
+    assert "Traceback" in result.stderr
+
+
+def test_debug_zero_is_off(qreg_exe, monkeypatch):
+    monkeypatch.setenv("QREG_DEBUG", "0")
+    result = run(qreg_exe, "info", "nosuch")
+    assert result.returncode == 3
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -409,15 +409,14 @@ def test_cli_reference_commands(no_gpu_tools, args):
 
     data = run([*args, "--json"])
     assert data.exit_code == text.exit_code
-    document = json.loads(data.stdout.split("\n{\"error\"")[0])
+    document = json.loads(data.stdout)
     assert len(document["ranked"]) == 30
     if data.exit_code == 0:
         assert document["pick"] is not None
         assert document["estimate"]["terms"]["weights"] > 0
     else:
         assert document["pick"] is None
-        error = json.loads(data.stdout.strip().splitlines()[-1])
-        assert error["error"]["type"] == "nothing_fits"
+        assert document["error"]["type"] == "nothing_fits"
 
 
 def test_cli_64gb_picks_q8_0(no_gpu_tools):
@@ -535,3 +534,12 @@ def test_cli_metal_has_no_tq(no_gpu_tools):
     tq = [item for item in data["ranked"] if item["variant"].startswith("TQ")]
     assert all(item["reason"] == "not supported on metal" for item in tq)
     assert data["estimate"]["placement"]["weights"] == "unified"
+
+
+def test_cli_nothing_fits_one_json_document(no_gpu_tools):
+    result = run(["--ram", "512MB", "--json"])
+    assert result.exit_code == NothingFitsError.exit_code
+    document = json.loads(result.stdout)
+    assert document["pick"] is None
+    assert document["error"]["type"] == "nothing_fits"
+    assert document["error"]["exit_code"] == 14

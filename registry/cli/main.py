@@ -10,13 +10,14 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 
 import click
 
 from registry import __version__
 from registry.cli.options import JSON_META_KEY
 from registry.cli.output import print_error
-from registry.errors import EXIT_INTERRUPTED, QregError
+from registry.errors import EXIT_INTERRUPTED, QregError, os_error
 
 # command name -> (module, attribute, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -68,10 +69,16 @@ class QregGroup(click.Group):
         try:
             return super().invoke(ctx)
         except QregError as error:
-            _report(ctx, error.one_line(), error.kind, error.exit_code)
-            if os.environ.get("QREG_DEBUG"):
-                raise
+            _report(ctx, error.one_line(), error.kind, error.exit_code, error.details)
+            _traceback_when_debugging()
             ctx.exit(error.exit_code)
+        except OSError as error:
+            # A file system failure that no command turned into a QregError: a folder
+            # that is read-only, a file where a folder should be, a full disk.
+            converted = os_error(error)
+            _report(ctx, converted.one_line(), converted.kind, converted.exit_code)
+            _traceback_when_debugging()
+            ctx.exit(converted.exit_code)
         except KeyboardInterrupt:
             _report(ctx, "interrupted", "interrupted", EXIT_INTERRUPTED)
             ctx.exit(EXIT_INTERRUPTED)
@@ -87,9 +94,19 @@ class QregGroup(click.Group):
             ctx.exit(error.exit_code)
 
 
-def _report(ctx: click.Context, message: str, kind: str, exit_code: int) -> None:
+def debugging() -> bool:
+    """Return whether QREG_DEBUG is set to a true value (1, true, yes, on)."""
+    return os.environ.get("QREG_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _traceback_when_debugging() -> None:
+    if debugging():
+        traceback.print_exc(file=sys.stderr)
+
+
+def _report(ctx: click.Context, message: str, kind: str, exit_code: int, details: dict | None = None) -> None:
     json_mode = _json_requested(ctx)
-    print_error(message, kind=kind, exit_code=exit_code, json_mode=json_mode)
+    print_error(message, kind=kind, exit_code=exit_code, json_mode=json_mode, details=details)
 
 
 def _json_in_arguments(ctx: click.Context) -> bool:
@@ -122,7 +139,7 @@ def cli(verbose: int) -> None:
     level = logging.WARNING
     if verbose == 1:
         level = logging.INFO
-    elif verbose >= 2 or os.environ.get("QREG_DEBUG"):
+    elif verbose >= 2 or debugging():
         level = logging.DEBUG
     logging.basicConfig(level=level, format="qreg: %(levelname)s: %(name)s: %(message)s", stream=sys.stderr)
 

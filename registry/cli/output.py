@@ -46,11 +46,14 @@ class Output:
         return not self.json_mode and not self.quiet and sys.stderr.isatty()
 
 
-def print_error(message: str, *, kind: str, exit_code: int, json_mode: bool) -> None:
-    """Print an error as one line on stderr and, in JSON mode, as an object on stdout."""
+def print_error(message: str, *, kind: str, exit_code: int, json_mode: bool, details: dict | None = None) -> None:
+    """Print an error as one line on stderr and, in JSON mode, as one object on stdout.
+
+    `details`, for example the recommendation that found nothing, joins the object beside "error".
+    """
     click.echo(f"qreg: error: {message}", err=True)
     if json_mode:
-        payload = {"error": {"type": kind, "message": message, "exit_code": exit_code}}
+        payload = {**(details or {}), "error": {"type": kind, "message": message, "exit_code": exit_code}}
         click.echo(json.dumps(payload))
 
 

@@ -158,10 +158,8 @@ def recommend_command(
         vram_bytes=vram_bytes,
     )
     if result.pick is None:
-        if json_mode:
-            output.result(result.to_dict())
         hint = "try " + " or ".join(result.suggestions) if result.suggestions else None
-        raise NothingFitsError(result.reason, hint=hint)
+        raise NothingFitsError(result.reason, hint=hint, details=result.to_dict())
 
     if json_mode:
         output.result(result.to_dict())
