@@ -123,8 +123,13 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     for dotted, value in sorted(flat.items()):
         table = nested
         *parents, leaf = dotted.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                # A hand-edited file such as `serve = 5` next to serve.ctx.
+                clash = ".".join(parents[: depth + 1])
+                raise QregError(f"config file {config_path()} sets {clash} to a value, but {dotted} needs it to be a table",
+                                hint=f"remove the line '{clash} = ...' from the file")
         table[leaf] = value
     return nested
 

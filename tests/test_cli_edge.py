@@ -107,3 +107,13 @@ def test_debug_zero_is_off(qreg_exe, monkeypatch):
     assert result.returncode == 3
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_error_line_escapes_control_bytes(capsys):
+    from registry.cli.output import print_error
+
+    print_error("bad key 'a\x00b\x0cc\x1b[2J'", kind="gguf", exit_code=5, json_mode=True)
+
+    captured = capsys.readouterr()
+    assert captured.err == "qreg: error: bad key 'a\\x00b\\x0cc\\x1b[2J'\n"
+    assert json.loads(captured.out)["error"]["message"] == "bad key 'a\x00b\x0cc\x1b[2J'"

@@ -106,3 +106,16 @@ def test_cli_unset_missing_key():
     assert result.exit_code == UsageError.exit_code
     assert "serve.ctx is not set" in result.output
     assert not config.config_path().exists()
+
+
+def test_hand_edited_value_clash_one_line():
+    path = config.config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("serve = 5\n")
+
+    result = CliRunner().invoke(cli, ["config", "set", "serve.ctx", "2048"])
+
+    assert result.exit_code == 1
+    assert "sets serve to a value, but serve.ctx needs it to be a table" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert path.read_text() == "serve = 5\n"

@@ -8,6 +8,7 @@ still go to stderr so scripts can log them.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any, Callable
 
@@ -46,15 +47,24 @@ class Output:
         return not self.json_mode and not self.quiet and sys.stderr.isatty()
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def print_error(message: str, *, kind: str, exit_code: int, json_mode: bool, details: dict | None = None) -> None:
     """Print an error as one line on stderr and, in JSON mode, as one object on stdout.
 
     `details`, for example the recommendation that found nothing, joins the object beside "error".
     """
-    click.echo(f"qreg: error: {message}", err=True)
+    click.echo(f"qreg: error: {_printable(message)}", err=True)
     if json_mode:
         payload = {**(details or {}), "error": {"type": kind, "message": message, "exit_code": exit_code}}
         click.echo(json.dumps(payload))
+
+
+def _printable(text: str) -> str:
+    # A name read from a damaged file may hold control bytes (NUL, form feed, escape
+    # sequences); shown as \xNN they cannot break the one line or drive the terminal.
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def format_table(headers: list[str], rows: list[list[str]], align_right: set[int] | None = None) -> str:
