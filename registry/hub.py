@@ -31,6 +31,7 @@ from registry.errors import (
     NotFoundError,
     OfflineError,
     QregError,
+    UsageError,
 )
 from registry.manifest import Manifest, Variant
 from registry.transfer import MAX_BACKOFF, Download, TransientError, origin, short_error
@@ -54,8 +55,15 @@ T = TypeVar("T")
 
 
 def hub_endpoint() -> str:
-    """Return HF_ENDPOINT without a trailing slash, or the public hub."""
-    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    """Return HF_ENDPOINT without a trailing slash, or the public hub; UsageError if it is no http(s) URL."""
+    from urllib.parse import urlsplit
+
+    endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"invalid HF_ENDPOINT '{endpoint}': it must be an http:// or https:// URL",
+                         hint=f"set it to the hub's address, e.g. {DEFAULT_ENDPOINT}, or unset it")
+    return endpoint
 
 
 def is_offline() -> bool:
@@ -162,6 +170,9 @@ def _hub_error(error: Exception, *, repo: str, file: str | None, revision: str) 
     if isinstance(error, RemoteEntryNotFoundError):
         return NotFoundError(f"{file} not found in {repo} at revision {revision} on {endpoint}",
                              hint="run 'qreg manifest refresh' to check the manifest against the hub")
+    if isinstance(error, HfHubHTTPError) and status == 404:
+        return NotFoundError(f"{endpoint} returned HTTP 404 for {what}",
+                             hint="check that HF_ENDPOINT points at the Hugging Face hub or a mirror of it")
     if isinstance(error, HfHubHTTPError):
         return HubError(f"{endpoint} returned HTTP {status} for {what}", hint="try again later")
     return HubError(f"request to {endpoint} for {what} failed: {type(error).__name__}: {error}",
@@ -547,7 +558,7 @@ def _pull_offline(manifest: Manifest, variant: Variant, paths: store.VariantPath
     record = store.load_record(paths)
     if record is not None and store.record_matches_file(record, paths) and (
         not variant.sha256 or variant.sha256 == record.sha256
-    ):
+    ) and requested in (record.revision, record.commit):
         return _result(variant, paths, record, already_present=True)
 
     commit = requested if _COMMIT_RE.match(requested) else _read_ref(paths, requested)
@@ -562,7 +573,8 @@ def _pull_offline(manifest: Manifest, variant: Variant, paths: store.VariantPath
             return _result(variant, paths, record, already_present=True)
 
     raise OfflineError(
-        f"offline mode is on (HF_HUB_OFFLINE) and {variant.file} is not in the cache {store.hub_cache_dir()}",
+        f"offline mode is on (HF_HUB_OFFLINE) and {variant.file} at revision {requested} "
+        f"is not in the cache {store.hub_cache_dir()}",
         hint=f"unset HF_HUB_OFFLINE and run 'qreg pull {variant.name}'",
     )
 

@@ -349,3 +349,44 @@ def test_token_from_hf_home_file(random_repo, hf_mirror, monkeypatch, tmp_path):
     assert hub.hub_token() == MIRROR_TOKEN
     result = hub.pull(load_manifest(random_repo.manifest_path), "Q2_K")
     assert result.path.is_relative_to(tmp_path / "elsewhere")
+
+
+def test_pull_endpoint_not_a_url(random_repo, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "notaurl")
+    manifest = load_manifest(random_repo.manifest_path)
+
+    with pytest.raises(UsageError, match="invalid HF_ENDPOINT 'notaurl'"):
+        hub.pull(manifest, "Q2_K", retries=5, backoff=10)
+
+
+def test_pull_endpoint_plain_web_server(random_repo, monkeypatch, tmp_path):
+    # A web server that is no hub answers 404 without the hub's error headers.
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    manifest = load_manifest(random_repo.manifest_path)
+    try:
+        with pytest.raises(NotFoundError) as raised:
+            hub.pull(manifest, "Q2_K", retries=5, backoff=10)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert "HF_ENDPOINT" in raised.value.hint
+
+
+def test_offline_other_revision_not_used(random_repo, hf_mirror, monkeypatch):
+    manifest = load_manifest(random_repo.manifest_path)
+    hub.pull(manifest, "Q2_K")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    result = run_qreg("pull", "Q2_K", "--manifest", str(random_repo.manifest_path), "--revision", "nosuch")
+
+    assert result.exit_code == OfflineError.exit_code
+    assert "at revision nosuch is not in the cache" in result.stderr
