@@ -146,10 +146,13 @@ def parse_value(setting: Setting, text: str, source: str) -> Any:
     try:
         return setting.parse(text)
     except ValueError as error:
-        raise UsageError(
-            f"invalid value '{text}' for {setting.key} from {source}: {error}",
-            hint=f"run 'qreg config set {setting.key} VALUE' with a valid value, or unset {setting.env}",
-        ) from None
+        if source == setting.env:
+            hint = f"set {setting.env} to a valid value or unset it"
+        elif source == "the command line":
+            hint = f"run 'qreg config set {setting.key} VALUE' with a valid value"
+        else:
+            hint = f"run 'qreg config set {setting.key} VALUE' with a valid value, or 'qreg config unset {setting.key}'"
+        raise UsageError(f"invalid value '{text}' for {setting.key} from {source}: {error}", hint=hint) from None
 
 
 def write_setting(key: str, text: str | None) -> Path:

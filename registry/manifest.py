@@ -247,7 +247,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         with open(path, "rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError:
-        raise ManifestError(f"manifest {path} not found", hint="check --manifest or QREG_MANIFEST") from None
+        raise ManifestError(f"manifest {path} not found",
+                            hint="check --manifest, QREG_MANIFEST and 'qreg config get manifest'") from None
     except IsADirectoryError:
         raise ManifestError(f"manifest {path} is a directory, not a TOML file") from None
     except PermissionError:

@@ -117,3 +117,17 @@ def test_error_line_escapes_control_bytes(capsys):
     captured = capsys.readouterr()
     assert captured.err == "qreg: error: bad key 'a\\x00b\\x0cc\\x1b[2J'\n"
     assert json.loads(captured.out)["error"]["message"] == "bad key 'a\x00b\x0cc\x1b[2J'"
+
+
+def test_group_option_error_json(qreg_exe):
+    result = run(qreg_exe, "--json", "list")
+    assert result.returncode == 2
+    assert json.loads(result.stdout)["error"]["type"] == "usage"
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_negative_number_hint(qreg_exe):
+    result = run(qreg_exe, "config", "set", "serve.port", "-1")
+    assert result.returncode == 2
+    assert "put '--' before it" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

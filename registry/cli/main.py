@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import sys
 import traceback
 
@@ -85,13 +86,29 @@ class QregGroup(click.Group):
         except click.exceptions.NoArgsIsHelpError:
             raise
         except click.UsageError as error:
-            # One line like every other error, and a JSON object when --json was given,
-            # instead of click's three-line usage block.
-            command_path = error.ctx.command_path if error.ctx else "qreg"
-            message = f"{error.format_message().rstrip('.')}; run '{command_path} --help' for usage"
-            json_mode = _json_requested(ctx) or _json_in_arguments(error.ctx or ctx)
-            print_error(message, kind="usage", exit_code=error.exit_code, json_mode=json_mode)
-            ctx.exit(error.exit_code)
+            _usage_error(ctx, error)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # Options before the command name (`qreg --json list`) are parsed here, outside invoke.
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as error:
+            _usage_error(ctx, error)
+            raise AssertionError("unreachable")  # ctx.exit raised
+
+
+def _usage_error(ctx: click.Context, error: click.UsageError) -> None:
+    """Print click's usage error as one line (and a JSON object with --json), then exit 2."""
+    command_path = error.ctx.command_path if error.ctx else "qreg"
+    message = f"{error.format_message().rstrip('.')}; run '{command_path} --help' for usage"
+    option = re.match(r"No such option:? '?(-\d[\d.]*)'?$", error.format_message().rstrip("."))
+    if option:
+        message += f"; to pass the negative value {option.group(1)}, put '--' before it"
+    json_mode = _json_requested(ctx) or _json_in_arguments(error.ctx or ctx)
+    print_error(message, kind="usage", exit_code=error.exit_code, json_mode=json_mode)
+    ctx.exit(error.exit_code)
 
 
 def debugging() -> bool:
