@@ -477,6 +477,8 @@ def test_cli_help_says_what_gb_means():
     "args,expected",
     [
         (["--ram", "0"], "invalid --ram '0'"),
+        (["--ram", "0.5"], "a number without a unit is bytes: write 0.5GB"),
+        (["--ram", "99999999999999999999TB"], "more than 1 EiB"),
         (["--ram", "-1GB"], "cannot be negative"),
         (["--ram", "banana"], "invalid size 'banana'"),
         (["--ram", "2XB"], "unknown unit"),

@@ -14,7 +14,7 @@ from registry.cli.options import json_option, make_output, manifest_option
 from registry.cli.output import format_table
 from registry.errors import NothingFitsError, UsageError
 from registry.serving import CACHE_TYPES
-from registry.units import SIZE_FORMS, format_size, parse_size, to_mib
+from registry.units import MIB, SIZE_FORMS, format_size, parse_size, to_mib
 
 
 def serving_options(command: Callable) -> Callable:
@@ -61,6 +61,10 @@ def serving_options(command: Callable) -> Callable:
     return command
 
 
+# No machine has this much memory; a larger value is a typing error.
+MAX_SIZE = 1 << 60
+
+
 def parse_size_option(text: str | None, option: str) -> int | None:
     """Parse a size option such as --ram 2GB; raise UsageError (exit 2) showing the accepted forms."""
     if text is None:
@@ -69,8 +73,12 @@ def parse_size_option(text: str | None, option: str) -> int | None:
         size = parse_size(text)
     except ValueError as error:
         raise UsageError(f"{option}: {error}") from None
-    if size <= 0:
-        raise UsageError(f"invalid {option} '{text}': the size must be more than 0", hint=f"use a size such as {SIZE_FORMS}")
+    if size < MIB:
+        unitless = text.strip().replace(".", "", 1).isdigit() and float(text) > 0
+        hint = f"a number without a unit is bytes: write {text.strip()}GB" if unitless else f"use a size such as {SIZE_FORMS}"
+        raise UsageError(f"invalid {option} '{text}': {size} bytes is less than 1 MiB", hint=hint)
+    if size > MAX_SIZE:
+        raise UsageError(f"invalid {option} '{text}': more than 1 EiB", hint=f"use a size such as {SIZE_FORMS}")
     return size
 
 
