@@ -13,6 +13,8 @@ tracked by a JSON record under the data directory for `qreg ps` and `qreg stop`.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -29,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from registry.errors import NotFoundError, PortInUseError, ServerBinaryError, ServerError, UsageError
+from registry.errors import DiskSpaceError, NotFoundError, PortInUseError, ServerBinaryError, ServerError, UsageError
 from registry.serving import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -172,6 +174,37 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# A host name label (RFC 1123): letters, digits and inner hyphens, at most 63 characters.
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def validate_host(host: str, source: str = "option") -> str:
+    """Check a listen address: an IPv4 or IPv6 literal, or a host name that resolves.
+
+    Only a well-formed name is looked up (getaddrinfo, as binding it would). Raises
+    UsageError (exit 2) naming --host or the setting the value came from.
+    """
+    import ipaddress
+
+    where = "--host" if source == "option" else f"setting serve.host (from {source})"
+    looks_numeric = re.fullmatch(r"[0-9.]+", host) is not None
+    if looks_numeric or ":" in host:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise UsageError(f"invalid {where} {host!r}: not a valid IP address", hint="pass an address such as 127.0.0.1") from None
+        return host
+
+    labels = host.rstrip(".").split(".")
+    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise UsageError(f"invalid {where} {host!r}: not a valid host name or IP address", hint="pass an address such as 127.0.0.1")
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise UsageError(f"invalid {where} {host!r}: the name does not resolve ({error.strerror})", hint="pass an IP address") from None
+    return host
+
+
 def client_url(host: str, port: int) -> str:
     """Return the base URL a client on this machine uses for a server listening on host:port."""
     connect_host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
@@ -211,6 +244,11 @@ def find_server_binary(option: str | None = None) -> tuple[Path, str]:
     configured, source = resolve("server.bin", option)
     if configured:
         path = Path(os.path.expanduser(str(configured)))
+        if path.is_dir():
+            raise ServerBinaryError(
+                f"llama-server {path} (from {source}) is a directory, not an executable",
+                hint=f"pass the path of the binary, such as {path / SERVER_BINARY_NAME}",
+            )
         if not path.is_file():
             raise ServerBinaryError(f"llama-server {path} (from {source}) not found", hint=_HOW_TO_GET)
         if not os.access(path, os.X_OK):
@@ -295,8 +333,15 @@ def _run_binary(path: Path, flag: str) -> str:
     except OSError as error:
         raise ServerBinaryError(f"cannot run {path}: {error.strerror}", hint=_HOW_TO_GET) from None
     if completed.returncode != 0:
-        last = (completed.stderr.strip().splitlines() or [""])[-1]
-        raise ServerBinaryError(f"'{path} {flag}' failed with exit code {completed.returncode}: {last}", hint=_HOW_TO_GET)
+        printed = (completed.stderr.strip() or completed.stdout.strip()).splitlines()
+        if not printed:
+            raise ServerBinaryError(
+                f"'{path} {flag}' printed nothing and failed with {describe_exit(completed.returncode)}",
+                hint=f"check that {path} is llama.cpp's llama-server, or pass --server-bin with its path",
+            )
+        raise ServerBinaryError(
+            f"'{path} {flag}' failed with {describe_exit(completed.returncode)}: {printed[-1]}", hint=_HOW_TO_GET
+        )
     return completed.stdout + completed.stderr
 
 
@@ -652,14 +697,41 @@ def servers_dir() -> Path:
 
 
 def record_detached(server: DetachedServer) -> Path:
-    """Write the record of a detached server, atomically."""
+    """Write the record of a detached server, atomically.
+
+    Raises DiskSpaceError when the file system is full and ServerError on any other
+    OSError. Both name the path, and the caller still has to stop the server.
+    """
     directory = servers_dir()
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{server.pid}.json"
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(server.to_dict(), indent=2), encoding="utf-8")
-    os.replace(temporary, path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps(server.to_dict(), indent=2), encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise _record_error(path, error) from None
     return path
+
+
+def _record_error(path: Path, error: OSError) -> ServerError | DiskSpaceError:
+    reason = error.strerror or str(error)
+    if error.errno in (errno.EEXIST, errno.ENOTDIR) and not path.parent.is_dir():
+        reason = f"{path.parent} is not a directory"
+    failed = f"cannot write the record of detached llama-server pid {path.stem} to {path}: {reason}"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskSpaceError(failed, hint="free some space, then run 'qreg serve --detach' again")
+    return ServerError(
+        failed, hint=f"make {path.parent} a writable directory (or set XDG_DATA_HOME), then run 'qreg serve --detach' again"
+    )
+
+
+def forget_detached(pid: int) -> None:
+    """Delete the record of a detached server, if there is one."""
+    with contextlib.suppress(OSError):
+        (servers_dir() / f"{pid}.json").unlink(missing_ok=True)
 
 
 def list_detached() -> list[DetachedServer]:
@@ -680,9 +752,41 @@ def _read_records() -> Iterator[tuple[Path, DetachedServer]]:
         return
     for path in sorted(directory.glob("*.json")):
         try:
-            yield path, DetachedServer(**json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError) as error:
-            log.warning("ignoring unreadable server record %s: %s", path, error)
+            server = parse_record(path.read_text(encoding="utf-8"))
+        except OSError as error:
+            log.warning("ignoring unreadable server record %s: %s", path, error.strerror or error)
+            continue
+        except ValueError as error:
+            # record_detached writes whole records (temporary file, then rename), so a
+            # damaged one came from elsewhere and names no server that qreg can trust.
+            log.warning("removing invalid server record %s: %s", path, error)
+            path.unlink(missing_ok=True)
+            continue
+        yield path, server
+
+
+MAX_PID = 2**31 - 1
+
+# The type each field of a record must have; bool is excluded from int below.
+_RECORD_TYPES = {
+    "pid": int, "port": int, "host": str, "url": str, "model": str, "variant": (str, type(None)),
+    "log": str, "started": (int, float), "binary": str,
+}
+
+
+def parse_record(text: str) -> DetachedServer:
+    """Parse the JSON of a server record; raise ValueError naming the first missing or mistyped field."""
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    for name, expected in _RECORD_TYPES.items():
+        value = data.get(name)
+        if name not in data or isinstance(value, bool) or not isinstance(value, expected):
+            raise ValueError(f"field {name!r} is missing or invalid: {value!r}")
+    # os.kill treats 0 and negative pids as process groups, so they must never get through.
+    if not 1 <= data["pid"] <= MAX_PID:
+        raise ValueError(f"field 'pid' is not a process id: {data['pid']!r}")
+    return DetachedServer(**{name: data[name] for name in _RECORD_TYPES})
 
 
 def is_running(pid: int, binary: str) -> bool:

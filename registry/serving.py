@@ -29,6 +29,9 @@ DEFAULT_BACKEND = "cpu"
 # 2 x86-64 cores) sizes from 64 to 2048 embedded at the same speed within 14 %, and
 # each micro-batch token costs about 1.16 MiB.
 DEFAULT_UBATCH = 512
+# The smallest per-slot context that can embed anything: llama-server rejects an input
+# of n_ctx tokens or more, and the shortest input is one token plus EOS.
+MIN_CTX = 3
 
 
 @dataclass(frozen=True)
@@ -141,15 +144,18 @@ def _named(source: str, option: str, setting: str) -> str:
 
 
 def validate_ctx(value: int, model_context: int | None, source: str = "option") -> int:
-    """Check a per-slot context: 1 to the model's trained context, in tokens."""
+    """Check a per-slot context: MIN_CTX to the model's trained context, in tokens."""
     where = _named(source, "--ctx", "serve.ctx")
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not isinstance(value, int) or isinstance(value, bool) or value < MIN_CTX:
         upper = f" to {model_context}" if model_context else " or more"
-        raise UsageError(f"invalid {where} {value!r}: the per-slot context must be 1{upper} tokens")
+        raise UsageError(
+            f"invalid {where} {value!r}: the per-slot context must be {MIN_CTX}{upper} tokens "
+            f"(the shortest input, one token plus EOS, needs {MIN_CTX})"
+        )
     if model_context is not None and value > model_context:
         raise UsageError(
             f"invalid {where} {value}: the model's context is {model_context} tokens",
-            hint=f"use a per-slot context from 1 to {model_context}",
+            hint=f"use a per-slot context from {MIN_CTX} to {model_context}",
         )
     return value
 

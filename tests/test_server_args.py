@@ -472,3 +472,79 @@ def test_dry_run_unknown_variant(llama_server_bin, fixture_ggufs):
     result = dry_run(llama_server_bin, "Q9_K", "--manifest", str(fixture_ggufs.manifest_path))
     assert result.exit_code == NotFoundError.exit_code
     assert "unknown variant 'Q9_K'" in result.stderr
+
+
+# --- bad values that used to pass or mislead ------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["999.1.1.1", "1.2.3", "bad host name", "-lead.example", "::zz"])
+def test_dry_run_invalid_host(llama_server_bin, tiny_q4, host):
+    result = dry_run(llama_server_bin, "--model", str(tiny_q4), "--host", host)
+    assert result.exit_code == UsageError.exit_code
+    assert f"invalid --host '{host}'" in result.stderr
+    assert "reachable from the network" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_dry_run_invalid_host_from_env(llama_server_bin, tiny_q4):
+    result = dry_run(llama_server_bin, "--model", str(tiny_q4), env={"QREG_HOST": "999.1.1.1"})
+    assert result.exit_code == UsageError.exit_code
+    assert "invalid setting serve.host (from env) '999.1.1.1': not a valid IP address" in result.stderr
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "0.0.0.0"])
+def test_dry_run_valid_host(llama_server_bin, tiny_q4, host):
+    result = dry_run(llama_server_bin, "--model", str(tiny_q4), "--host", host)
+    assert result.exit_code == 0, result.stderr
+    assert f"--host {host}" in result.stdout
+
+
+@pytest.mark.parametrize("ctx", ["1", "2"])
+def test_dry_run_ctx_below_minimum(llama_server_bin, tiny_q4, ctx):
+    result = dry_run(llama_server_bin, "--model", str(tiny_q4), "--ctx", ctx)
+    assert result.exit_code == UsageError.exit_code
+    assert f"invalid --ctx {ctx}: the per-slot context must be 3 to 32768 tokens" in result.stderr
+
+
+def test_dry_run_ctx_minimum(llama_server_bin, tiny_q4):
+    result = dry_run(llama_server_bin, "--model", str(tiny_q4), "--ctx", "3")
+    assert result.exit_code == 0, result.stderr
+    assert "per-slot limit: 2 tokens per input" in result.stderr
+
+
+def test_dry_run_model_under_file(llama_server_bin, tiny_q4, tmp_path):
+    # A path whose parent is a regular file fails to stat with ENOTDIR, even as root.
+    parent = tmp_path / "plain"
+    parent.write_text("x")
+    result = dry_run(llama_server_bin, "--model", str(parent / "m.gguf"))
+    assert result.exit_code == 1
+    assert f"model file {parent / 'm.gguf'}: cannot read: Not a directory" in result.stderr
+    assert parent.read_text() == "x"
+
+
+def test_dry_run_model_fifo(llama_server_bin, tmp_path):
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    result = dry_run(llama_server_bin, "--model", str(fifo))
+    assert result.exit_code == UsageError.exit_code
+    assert f"model file {fifo} is not a regular file" in result.stderr
+
+
+def test_find_binary_directory(tmp_path):
+    with pytest.raises(ServerBinaryError) as caught:
+        find_server_binary(str(tmp_path))
+    assert caught.value.exit_code == 12
+    assert f"llama-server {tmp_path} (from option) is a directory, not an executable" in caught.value.message
+    assert str(tmp_path / "llama-server") in caught.value.hint
+
+
+def test_probe_silent_failing_binary(tmp_path):
+    silent = tmp_path / "silent"
+    silent.write_text("#!/bin/sh\nexit 3\n")
+    silent.chmod(0o755)
+    with pytest.raises(ServerBinaryError) as caught:
+        probe_server_binary(silent)
+    line = caught.value.one_line()
+    assert f"'{silent} --version' printed nothing and failed with exit code 3" in line
+    assert "llama.cpp's llama-server" in line
+    assert not line.endswith(": ;")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import signal
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import click
 from registry.cli.options import json_option, make_output, manifest_option, quiet_option
 from registry.cli.output import Output, format_table
 from registry.cli.recommend_cmd import serving_options
-from registry.errors import EXIT_INTERRUPTED, NotFoundError, NothingFitsError, UsageError
+from registry.errors import EXIT_INTERRUPTED, NotFoundError, NothingFitsError, QregError, UsageError
 from registry.manifest import Variant
 
 PASSTHROUGH_META_KEY = "qreg.serve.passthrough"
@@ -59,8 +60,7 @@ def choose_model(
         if variant_name is not None:
             raise UsageError(f"pass either VARIANT ({variant_name}) or --model ({model_file}), not both")
         path = Path(model_file).expanduser()
-        if not path.is_file():
-            raise NotFoundError(f"model file {path} not found", hint="check the path given to --model")
+        check_model_file(path)
         return ModelChoice(path=path.resolve(), variant=manifest.by_file(path.name), reason="--model")
 
     from registry import store
@@ -73,6 +73,23 @@ def choose_model(
         return ModelChoice(path=path, variant=variant, reason="named")
 
     return _recommended_pulled(manifest, settings, device)
+
+
+def check_model_file(path: Path) -> None:
+    """Check that --model names a regular file, with the exit codes 'qreg inspect' uses for the same path.
+
+    A missing file is NotFoundError (3), a FIFO or device UsageError (2), and a path
+    that cannot be examined QregError (1).
+    """
+    # stat, not open: opening a FIFO for reading would block until a writer appears.
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise NotFoundError(f"model file {path} not found", hint="check the path given to --model") from None
+    except OSError as error:
+        raise QregError(f"model file {path}: cannot read: {error.strerror}", hint="check the path given to --model") from None
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"model file {path} is not a regular file", hint="pass the path of a .gguf file to --model")
 
 
 def _pull_or_fail(manifest, variant, pull: bool, output: Output, *, dry_run: bool = False) -> Path:
@@ -238,7 +255,7 @@ def serve_command(
     from registry.config import resolve
     from registry.device import detect_device
     from registry.manifest import load_manifest
-    from registry.server import LaunchSpec, client_url
+    from registry.server import LaunchSpec, validate_host
     from registry.serving import ServeSettings
 
     output = make_output(json_mode, quiet)
@@ -248,7 +265,8 @@ def serve_command(
         ctx=ctx, parallel=parallel, cache_type=cache_type, ubatch=ubatch, backend=backend or device.backend,
         model_context=manifest.model.context_length,
     )
-    host_value, _ = resolve("serve.host", host)
+    host_value, host_source = resolve("serve.host", host)
+    validate_host(host_value, host_source)
     port_value, _ = resolve("serve.port", port)
 
     choice = choose_model(
@@ -276,12 +294,10 @@ def serve_command(
         output.result(describe_launch(prepared, choice), _render_dry_run)
         return
 
-    if detach:
-        run_detached(prepared, choice, output, timeout)
-    else:
-        exit_code = run_foreground(prepared, choice, output, timeout)
-        if exit_code:
-            click_ctx.exit(exit_code)
+    run = run_detached if detach else run_foreground
+    exit_code = run(prepared, choice, output, timeout)
+    if exit_code:
+        click_ctx.exit(exit_code)
 
 
 def slot_note(settings) -> str:
@@ -330,16 +346,20 @@ def _render_ready(data: dict) -> str:
     return "\n".join(lines)
 
 
-def _start(prepared, output: Output, timeout: float, *, detach: bool):
+def _launch(prepared, output: Output, *, detach: bool):
     from registry.server import ServerProcess, check_port_free, log_path_for
 
     spec = prepared.spec
     check_port_free(spec.host, spec.port)
     output.info(f"starting {prepared.command}")
-    process = ServerProcess.start(
+    return ServerProcess.start(
         prepared.binary.path, prepared.args, env=prepared.env(), url=prepared.url,
         log_path=log_path_for(spec.port), detach=detach,
     )
+
+
+def _start(prepared, output: Output, timeout: float):
+    process = _launch(prepared, output, detach=False)
     try:
         ready_seconds = process.wait_until_healthy(timeout)
     except BaseException:
@@ -370,7 +390,7 @@ def run_foreground(prepared, choice: ModelChoice, output: Output, timeout: float
     process = None
     with stop_signals_raise():
         try:
-            process, ready_seconds = _start(prepared, output, timeout, detach=False)
+            process, ready_seconds = _start(prepared, output, timeout)
             output.result(_ready_data(prepared, choice, process, ready_seconds), _render_ready)
             output.info("press Ctrl-C to stop")
             raise process.exited_error(process.wait())
@@ -389,15 +409,43 @@ def run_foreground(prepared, choice: ModelChoice, output: Output, timeout: float
                 process.stop()
 
 
-def run_detached(prepared, choice: ModelChoice, output: Output, timeout: float) -> None:
-    """Start llama-server in a session of its own, wait until healthy, record it and return."""
-    from registry.server import DetachedServer, ServerStartError, record_detached
+def run_detached(prepared, choice: ModelChoice, output: Output, timeout: float) -> int:
+    """Start llama-server in a session of its own, record it and wait until it is healthy.
 
-    try:
-        process, ready_seconds = _start(prepared, output, timeout, detach=True)
-    except ServerStartError as error:
-        _show_log_tail(error)
-        raise
+    The record is written before the wait, so a server stays visible to 'qreg ps' and
+    'qreg stop' even when qreg is killed while waiting. Until the server is healthy,
+    any failure, Ctrl-C, SIGTERM or SIGHUP stops it and deletes the record. Returns
+    qreg's exit code: 0 once healthy, or 128 + the signal number (130, 143, 129)
+    after a one-line error.
+    """
+    from registry.server import ServerStartError, StopSignal, stop_signals_raise
+
+    process = None
+    with stop_signals_raise():
+        try:
+            process = _launch(prepared, output, detach=True)
+            _record(prepared, choice, process)
+            ready_seconds = process.wait_until_healthy(timeout)
+        except (StopSignal, KeyboardInterrupt) as stop:
+            signum = stop.signum if isinstance(stop, StopSignal) else signal.SIGINT
+            _stop_unready(process)
+            _report_stop_signal(signum, prepared, output)
+            return 128 + signum
+        except ServerStartError as error:
+            _stop_unready(process)
+            _show_log_tail(error)
+            raise
+        except BaseException:
+            _stop_unready(process)
+            raise
+
+    output.result(_ready_data(prepared, choice, process, ready_seconds), _render_ready)
+    output.info(f"llama-server keeps running in the background; stop it with 'qreg stop {prepared.spec.port}'")
+    return 0
+
+
+def _record(prepared, choice: ModelChoice, process) -> None:
+    from registry.server import DetachedServer, record_detached
 
     record_detached(
         DetachedServer(
@@ -406,8 +454,25 @@ def run_detached(prepared, choice: ModelChoice, output: Output, timeout: float) 
             log=str(process.log_path), started=time.time(), binary=str(prepared.binary.path),
         )
     )
-    output.result(_ready_data(prepared, choice, process, ready_seconds), _render_ready)
-    output.info(f"llama-server keeps running in the background; stop it with 'qreg stop {prepared.spec.port}'")
+
+
+def _stop_unready(process) -> None:
+    from registry.server import forget_detached
+
+    # NOTE: a signal that lands inside ServerProcess.start, after fork and before it
+    # returns, leaves process None and the new server running untracked.
+    if process is None:
+        return
+    process.stop()
+    forget_detached(process.pid)
+
+
+def _report_stop_signal(signum: int, prepared, output: Output) -> None:
+    from registry.cli.output import print_error
+
+    name = signal.Signals(signum).name
+    message = f"{name} arrived before llama-server on port {prepared.spec.port} was healthy, so qreg stopped it"
+    print_error(message, kind="interrupted", exit_code=128 + signum, json_mode=output.json_mode)
 
 
 def _show_log_tail(error) -> None:

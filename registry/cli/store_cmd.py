@@ -137,6 +137,27 @@ def rm_command(variant_name: str, manifest_path: str | None, json_mode: bool) ->
 
     manifest = load_manifest(manifest_path)
     variant = manifest.resolve(variant_name)
+    output = make_output(json_mode)
+    for server in _servers_using(manifest, variant):
+        output.warn(
+            f"llama-server pid {server.pid} on port {server.port} serves {variant.name} and keeps the deleted file "
+            f"open, so its space is freed only after 'qreg stop {server.port}'"
+        )
     removed = store.remove_variant(manifest, variant)
     data = {"variant": variant.name, "removed": [str(path) for path in removed]}
-    make_output(json_mode).result(data, lambda d: f"removed {d['variant']}: " + ", ".join(d["removed"]))
+    output.result(data, lambda d: f"removed {d['variant']}: " + ", ".join(d["removed"]))
+
+
+def _servers_using(manifest, variant) -> list:
+    """Return the detached servers whose model file is this variant's pulled file."""
+    import os
+
+    from registry import store
+    from registry.server import list_detached
+
+    paths = store.paths_for(manifest, variant)
+    record = store.load_record(paths)
+    if record is None:
+        return []
+    pulled = os.path.realpath(paths.snapshot(record.commit))
+    return [server for server in list_detached() if os.path.realpath(server.model) == pulled]
