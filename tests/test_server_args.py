@@ -474,7 +474,7 @@ def test_dry_run_unknown_variant(llama_server_bin, fixture_ggufs):
     assert "unknown variant 'Q9_K'" in result.stderr
 
 
-# --- bad values that used to pass or mislead ------------------------------------------------
+# --- invalid host, ctx, model file and binary ------------------------------------------------------
 
 
 @pytest.mark.parametrize("host", ["999.1.1.1", "1.2.3", "bad host name", "-lead.example", "::zz"])
@@ -512,14 +512,25 @@ def test_dry_run_ctx_minimum(llama_server_bin, tiny_q4):
     assert "per-slot limit: 2 tokens per input" in result.stderr
 
 
-def test_dry_run_model_under_file(llama_server_bin, tiny_q4, tmp_path):
+def test_dry_run_model_under_file(llama_server_bin, tmp_path):
     # A path whose parent is a regular file fails to stat with ENOTDIR, even as root.
     parent = tmp_path / "plain"
     parent.write_text("x")
     result = dry_run(llama_server_bin, "--model", str(parent / "m.gguf"))
-    assert result.exit_code == 1
-    assert f"model file {parent / 'm.gguf'}: cannot read: Not a directory" in result.stderr
+    assert result.exit_code == NotFoundError.exit_code
+    assert f"model file {parent / 'm.gguf'} not found" in result.stderr
+    assert "Traceback" not in result.output
     assert parent.read_text() == "x"
+
+
+def test_dry_run_model_symlink_loop(llama_server_bin, tmp_path):
+    # Root ignores permissions, so a symlink loop is the path that cannot be examined here.
+    loop = tmp_path / "loop.gguf"
+    loop.symlink_to(loop)
+    result = dry_run(llama_server_bin, "--model", str(loop))
+    assert result.exit_code == 1
+    assert f"model file {loop}: cannot read: Too many levels of symbolic links" in result.stderr
+    assert loop.is_symlink()
 
 
 def test_dry_run_model_fifo(llama_server_bin, tmp_path):

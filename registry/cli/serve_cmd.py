@@ -79,12 +79,12 @@ def check_model_file(path: Path) -> None:
     """Check that --model names a regular file, with the exit codes 'qreg inspect' uses for the same path.
 
     A missing file is NotFoundError (3), a FIFO or device UsageError (2), and a path
-    that cannot be examined QregError (1).
+    that cannot be examined (permission denied, a symlink loop) QregError (1).
     """
     # stat, not open: opening a FIFO for reading would block until a writer appears.
     try:
         mode = path.stat().st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise NotFoundError(f"model file {path} not found", hint="check the path given to --model") from None
     except OSError as error:
         raise QregError(f"model file {path}: cannot read: {error.strerror}", hint="check the path given to --model") from None
