@@ -20,13 +20,32 @@ def _default_url() -> str:
     return client_url(host, port)
 
 
-def _read_texts(texts: tuple[str, ...], file_path: str | None, *, stdin_allowed: bool) -> list[str]:
+def _base_url(url: str | None) -> str:
+    """Return --url checked, or the URL of `qreg serve`'s settings when --url is not given."""
+    from registry.embed import check_url
+
+    base_url = _default_url() if url is None else url
+    check_url(base_url)
+    return base_url
+
+
+def _check_task(task: str | None) -> None:
+    if task is not None and not task.strip():
+        raise UsageError(
+            f"invalid --instruct '{task}': the task is empty",
+            hint="pass a one-sentence task such as 'Given a question, retrieve passages that answer it', or leave out --instruct",
+        )
+
+
+def _read_texts(texts: tuple[str, ...], file_path: str | None, *, stdin_allowed: bool) -> tuple[list[str], str | None]:
+    """Return the texts to embed and the name of the file or stream they were read from (None for arguments only)."""
     collected = list(texts)
     if file_path is not None:
-        collected += _read_file_lines(file_path)
-    elif not collected and stdin_allowed and not sys.stdin.isatty():
-        collected = _lines(sys.stdin, "stdin")
-    return collected
+        source = "stdin (--file -)" if file_path == "-" else f"--file {file_path}"
+        return collected + _read_file_lines(file_path), source
+    if not collected and stdin_allowed and not sys.stdin.isatty():
+        return _lines(sys.stdin, "stdin"), "stdin"
+    return collected, None
 
 
 def _read_file_lines(file_path: str) -> list[str]:
@@ -38,16 +57,24 @@ def _read_file_lines(file_path: str) -> list[str]:
         raise QregError(f"--file {file_path} cannot be read: {error.strerror}", hint="check the path and its permissions") from None
 
 
-def _with_instructions(queries: tuple[str, ...], documents: list[str], task: str | None) -> list[tuple[str, str]]:
+def _with_instructions(
+    queries: tuple[str, ...], documents: list[str], task: str | None, source: str | None
+) -> list[tuple[str, str]]:
     """Return (text to send, text to show) for every input, queries first, with the instruction on the queries.
 
     Without --query, --instruct applies to every text: the caller says they are all queries.
+    `source` names the file or stream the documents came from, for the error when there is no text.
     """
     from registry.embed import DEFAULT_TASK, query_with_instruction
 
     if not queries and task is not None:
         queries, documents = tuple(documents), []
     shown = list(queries) + documents
+    if not shown and source is not None:
+        raise UsageError(
+            f"no text to embed: {source} is empty or has only blank lines",
+            hint="write one text a line, or pass texts as arguments",
+        )
     if not shown:
         raise UsageError("no text to embed", hint="pass texts as arguments, --query, --file PATH, or pipe them on stdin")
     for index, text in enumerate(shown):
@@ -81,7 +108,7 @@ def _render(data: dict) -> str:
 @click.command("embed")
 @click.argument("texts", nargs=-1)
 @click.option("--file", "file_path", type=click.Path(dir_okay=False, allow_dash=True), help="Read texts from this file, one a line ('-' for stdin); blank lines are skipped.")
-@click.option("--url", default=None, help="Base URL of the llama-server [default: from serve.host and serve.port, http://127.0.0.1:8080].")
+@click.option("--url", default=None, help="Root URL of the llama-server, without the /v1 of OpenAI clients [default: from serve.host and serve.port, http://127.0.0.1:8080].")
 @click.option("--api-key", envvar="QREG_API_KEY", default=None, help="API key the server was started with [env: QREG_API_KEY].")
 @click.option("--query", "queries", multiple=True, help="A query to embed with the task instruction, before the TEXTS (repeatable).")
 @click.option("--instruct", "task", default=None, help="Task of the instruction, sent as 'Instruct: TASK\\nQuery:TEXT'; applies to --query texts, or to all TEXTS without --query [default with --query: Qwen's web search task].")
@@ -120,9 +147,12 @@ def embed_command(
     from registry.embed import EmbedClient, check_dimensions, cosine_matrix, preview
 
     output = make_output(json_mode, quiet)
-    inputs = _with_instructions(queries, _read_texts(texts, file_path, stdin_allowed=not queries), task)
+    base_url = _base_url(url)
+    _check_task(task)
 
-    base_url = url or _default_url()
+    documents, source = _read_texts(texts, file_path, stdin_allowed=not queries)
+    inputs = _with_instructions(queries, documents, task, source)
+
     with EmbedClient(base_url, api_key=api_key, timeout=timeout) as client:
         if dimensions is not None:
             check_dimensions(dimensions, _embedding_length(client))
