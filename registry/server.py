@@ -647,6 +647,8 @@ class stop_signals_raise:
 
     def __enter__(self) -> "stop_signals_raise":
         self.raised = False
+        self.holding = False
+        self.pending: int | None = None
         self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         return self
 
@@ -654,7 +656,34 @@ class stop_signals_raise:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Hold SIGTERM, SIGHUP and SIGINT until the block ends, then raise for the first that arrived.
+
+        A block that starts a child uses this so the caller gets the child's handle:
+        raised inside the block, the signal would lose a child that already runs.
+        SIGINT raises KeyboardInterrupt, the others StopSignal. When the block itself
+        raises, that exception wins and the held signal is dropped.
+        """
+        previous_sigint = signal.signal(signal.SIGINT, self._handle)
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+            signal.signal(signal.SIGINT, previous_sigint)
+
+        pending, self.pending = self.pending, None
+        if pending == signal.SIGINT:
+            raise KeyboardInterrupt
+        if pending is not None:
+            self.raised = True
+            raise StopSignal(pending)
+
     def _handle(self, signum: int, _frame) -> None:
+        if self.holding:
+            self.pending = self.pending or signum
+            return
         if self.raised:
             log.info("%s received while stopping llama-server; still stopping", signal.Signals(signum).name)
             return

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from registry.errors import DiskSpaceError, NotFoundError, ServerError
-from registry.server import DetachedServer, parse_record, record_detached, servers_dir
+from registry.server import DetachedServer, StopSignal, parse_record, record_detached, servers_dir, stop_signals_raise
 from server_helpers import QregServe, children_of, free_port, health, process_gone, wait_gone
 
 
@@ -137,6 +137,38 @@ def test_detach_signal_while_loading(qreg_exe, llama_server_bin, fixture_ggufs, 
     assert records == [f"{server_pids[0]}.json"], "the record was not written before the wait for /health"
     assert left == []
     assert list(servers_dir().glob("*.json")) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_deferred_holds_stop_signal(signum):
+    finished = False
+    with stop_signals_raise() as signals:
+        with pytest.raises(StopSignal) as caught:
+            with signals.deferred():
+                os.kill(os.getpid(), signum)
+                time.sleep(0.05)
+                finished = True
+    assert finished
+    assert caught.value.signum == signum
+
+
+def test_deferred_holds_sigint():
+    finished = False
+    with stop_signals_raise() as signals:
+        with pytest.raises(KeyboardInterrupt):
+            with signals.deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                finished = True
+    assert finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_deferred_without_signal_raises_nothing():
+    with stop_signals_raise() as signals:
+        with signals.deferred():
+            pass
+        assert signals.pending is None
 
 
 # --- damaged records ---------------------------------------------------------------------

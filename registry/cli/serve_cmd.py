@@ -421,9 +421,10 @@ def run_detached(prepared, choice: ModelChoice, output: Output, timeout: float) 
     from registry.server import ServerStartError, StopSignal, stop_signals_raise
 
     process = None
-    with stop_signals_raise():
+    with stop_signals_raise() as signals:
         try:
-            process = _launch(prepared, output, detach=True)
+            with signals.deferred():
+                process = _launch(prepared, output, detach=True)
             _record(prepared, choice, process)
             ready_seconds = process.wait_until_healthy(timeout)
         except (StopSignal, KeyboardInterrupt) as stop:
@@ -459,8 +460,6 @@ def _record(prepared, choice: ModelChoice, process) -> None:
 def _stop_unready(process) -> None:
     from registry.server import forget_detached
 
-    # NOTE: a signal that lands inside ServerProcess.start, after fork and before it
-    # returns, leaves process None and the new server running untracked.
     if process is None:
         return
     process.stop()
