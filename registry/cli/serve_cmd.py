@@ -205,7 +205,7 @@ def curl_example(url: str, api_key: str | None) -> str:
 @click.option("--pull", is_flag=True, help="Pull (and verify) the variant first when it is not pulled yet.")
 @serving_options
 @click.option("--backend", metavar="NAME", default=None, help="cpu, cuda, metal or vulkan: cpu passes -ngl 0, the others -ngl 999 [default: detected, as in 'qreg recommend'].")
-@click.option("--host", default=None, help="Address to listen on [env: QREG_HOST; default 127.0.0.1].")
+@click.option("--host", default=None, help="Address to listen on: an IP address or a host name that resolves [env: QREG_HOST; default 127.0.0.1].")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port to listen on [env: QREG_PORT; default 8080].")
 @click.option("--api-key", envvar="QREG_API_KEY", default=None, help="Require this API key; llama-server gets it through its environment, never its command line [env: QREG_API_KEY].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for llama-server (-t) [default: llama-server's choice].")
