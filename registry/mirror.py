@@ -604,20 +604,36 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.files and not args.repo:
         parser.error("FILE arguments need --repo")
+    if args.repo and args.repo.count("/") != 1:
+        parser.error(f"--repo '{args.repo}' must be owner/name")
+    if not (args.files or args.directory or args.hf_cache):
+        parser.error("nothing to serve: give FILE arguments with --repo, --directory or --hf-cache")
+    for folder in (args.directory, args.hf_cache):
+        if folder is not None and not folder.is_dir():
+            parser.error(f"{folder} is not a folder")
+    for path in args.files:
+        if not path.is_file():
+            parser.error(f"{path} is not a file")
 
-    mirror = HubMirror(host=args.host, port=args.port, cdn_port=args.cdn_port)
+    try:
+        mirror = HubMirror(host=args.host, port=args.port, cdn_port=args.cdn_port)
+    except OSError as error:
+        parser.exit(1, f"python -m registry.mirror: error: cannot listen on {args.host} "
+                       f"(port {args.port} or {args.cdn_port}): {error.strerror or error}\n")
     if args.directory:
         mirror.add_directory(args.directory)
     if args.hf_cache:
         mirror.add_hf_cache(args.hf_cache)
     if args.files:
         mirror.add_repo(args.repo, {path.name: path for path in args.files})
-    with mirror:
+    mirror.start()
+    try:
         print(mirror.endpoint, flush=True)
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        mirror.stop()
 
 
 if __name__ == "__main__":

@@ -173,3 +173,30 @@ def test_serve_pulled_store(random_repo, hf_mirror, tmp_path, monkeypatch):
     assert result.path.is_relative_to(tmp_path / "second-cache")
     assert store.sha256_file(result.path) == random_repo.sha256["Q4_K_M"]
     assert result.commit == random_repo.commit
+
+
+def test_mirror_cli_nothing_to_serve():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "registry.mirror"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "nothing to serve" in result.stderr
+
+
+def test_mirror_cli_port_in_use(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    file = tmp_path / "model.gguf"
+    file.write_bytes(b"GGUF")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "registry.mirror", "--port", str(port), "--repo", "owner/repo", str(file)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "cannot listen on 127.0.0.1" in result.stderr
+    assert "Traceback" not in result.stderr
