@@ -360,7 +360,7 @@ def test_pull_endpoint_not_a_url(random_repo, monkeypatch):
 
 
 def test_pull_endpoint_plain_web_server(random_repo, monkeypatch, tmp_path):
-    # A web server that is no hub answers 404 without the hub's error headers.
+    # A web server that is not a hub returns 404 without the hub's error headers.
     import functools
     import http.server
     import threading
