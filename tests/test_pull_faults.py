@@ -401,3 +401,22 @@ def test_unresolvable_host_not_retried():
     error.__cause__ = socket.gaierror(-2, "Name or service not known")
     assert not hub._is_transient(error)
     assert hub._is_transient(httpx.ConnectError("[Errno 111] Connection refused"))
+
+
+def test_sigterm_says_resume(random_repo, hf_mirror, qreg_exe):
+    file = random_repo.file_name("Q8_0")
+    hf_mirror.trickle(file, bytes_per_second=1024 * 1024)
+    paths = paths_of(random_repo, "Q8_0")
+    command = [qreg_exe, "pull", "Q8_0", "--manifest", str(random_repo.manifest_path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_partial(paths, 256 * 1024, process)
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+    assert process.returncode == 143
+    assert "stopped by a signal while pulling Q8_0" in err
+    assert "run 'qreg pull Q8_0' again to resume" in err
+    assert paths.partial.stat().st_size > 0

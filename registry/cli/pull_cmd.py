@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from typing import Iterator
+
 import click
 
 from registry.cli.options import json_option, make_output, manifest_option, quiet_option
@@ -53,12 +57,39 @@ def pull_command(
     variant = manifest.resolve(variant_name)
     output = make_output(json_mode, quiet)
     try:
-        result = hub.pull(manifest, variant, revision=revision, output=output)
-    except KeyboardInterrupt:
+        with _signals_raise():
+            result = hub.pull(manifest, variant, revision=revision, output=output)
+    except (KeyboardInterrupt, _Stopped) as stop:
+        exit_code = stop.exit_code if isinstance(stop, _Stopped) else EXIT_INTERRUPTED
+        what = "stopped by a signal" if isinstance(stop, _Stopped) else "interrupted"
         kept = store.partial_info(store.paths_for(manifest, variant))
         progress = f" ({kept[0]} of {kept[1]} bytes kept)" if kept else ""
-        message = f"interrupted while pulling {variant.name}{progress}; run 'qreg pull {variant_name}' again to resume"
-        print_error(message, kind="interrupted", exit_code=EXIT_INTERRUPTED, json_mode=json_mode)
-        ctx.exit(EXIT_INTERRUPTED)
+        message = f"{what} while pulling {variant.name}{progress}; run 'qreg pull {variant_name}' again to resume"
+        print_error(message, kind="interrupted", exit_code=exit_code, json_mode=json_mode)
+        ctx.exit(exit_code)
         return
     output.result(result.to_dict(), _render)
+
+
+class _Stopped(BaseException):
+    """SIGTERM or SIGHUP arrived during a pull (a BaseException, so no retry loop catches it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    # Raised in the main thread, the exception unwinds the transfer like Ctrl-C does:
+    # received bytes are written and kept for the resume.
+    def stop(signum: int, _frame: object) -> None:
+        raise _Stopped(signum)
+
+    stops = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {signum: signal.signal(signum, stop) for signum in stops}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
