@@ -183,7 +183,11 @@ def test_kill_9_then_resume(random_repo, hf_mirror, qreg_exe):
     assert not paths.partial.exists()
 
 
-def test_ctrl_c_says_resume(random_repo, hf_mirror, qreg_exe):
+@pytest.mark.parametrize(
+    ("signum", "exit_code", "said"),
+    [(signal.SIGINT, 130, "interrupted while pulling Q8_0"), (signal.SIGTERM, 143, "stopped by a signal while pulling Q8_0")],
+)
+def test_signal_says_resume(random_repo, hf_mirror, qreg_exe, signum, exit_code, said):
     file = random_repo.file_name("Q8_0")
     hf_mirror.trickle(file, bytes_per_second=1024 * 1024)
     paths = paths_of(random_repo, "Q8_0")
@@ -191,12 +195,13 @@ def test_ctrl_c_says_resume(random_repo, hf_mirror, qreg_exe):
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_partial(paths, 256 * 1024, process)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _out, err = process.communicate(timeout=30)
     finally:
         with contextlib.suppress(ProcessLookupError):
             process.kill()
-    assert process.returncode == 130
+    assert process.returncode == exit_code
+    assert said in err
     assert "run 'qreg pull Q8_0' again to resume" in err
     assert paths.partial.stat().st_size > 0
 
@@ -401,22 +406,3 @@ def test_unresolvable_host_not_retried():
     error.__cause__ = socket.gaierror(-2, "Name or service not known")
     assert not hub._is_transient(error)
     assert hub._is_transient(httpx.ConnectError("[Errno 111] Connection refused"))
-
-
-def test_sigterm_says_resume(random_repo, hf_mirror, qreg_exe):
-    file = random_repo.file_name("Q8_0")
-    hf_mirror.trickle(file, bytes_per_second=1024 * 1024)
-    paths = paths_of(random_repo, "Q8_0")
-    command = [qreg_exe, "pull", "Q8_0", "--manifest", str(random_repo.manifest_path)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_partial(paths, 256 * 1024, process)
-        process.send_signal(signal.SIGTERM)
-        _out, err = process.communicate(timeout=30)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-    assert process.returncode == 143
-    assert "stopped by a signal while pulling Q8_0" in err
-    assert "run 'qreg pull Q8_0' again to resume" in err
-    assert paths.partial.stat().st_size > 0
