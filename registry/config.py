@@ -47,6 +47,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _context(text: str) -> int:
+    from registry.serving import MIN_CTX
+
+    value = _integer(text)
+    if value < MIN_CTX:
+        raise ValueError(f"must be at least {MIN_CTX} tokens, got {value}")
+    return value
+
+
 def _port(text: str) -> int:
     value = _integer(text)
     if not 1 <= value <= 65535:
@@ -66,7 +75,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("server.bin", "QREG_LLAMA_SERVER", str, None, "path of the llama-server binary"),
         Setting("serve.host", "QREG_HOST", str, "127.0.0.1", "address llama-server listens on"),
         Setting("serve.port", "QREG_PORT", _port, 8080, "port llama-server listens on"),
-        Setting("serve.ctx", "QREG_CTX", _positive_int, 8192, "per-slot context in tokens"),
+        Setting("serve.ctx", "QREG_CTX", _context, 8192, "per-slot context in tokens"),
         Setting("serve.parallel", "QREG_PARALLEL", _positive_int, 1, "number of parallel slots"),
         Setting("serve.cache_type", "QREG_CACHE_TYPE", _cache_type, "f16", "KV cache type: f16, q8_0 or q4_0"),
         Setting("serve.ubatch", "QREG_UBATCH", _positive_int, 512, "micro-batch size in tokens (-b/-ub), at most ctx"),

@@ -119,3 +119,10 @@ def test_hand_edited_value_clash_one_line():
     assert "sets serve to a value, but serve.ctx needs it to be a table" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert path.read_text() == "serve = 5\n"
+
+
+def test_cli_set_ctx_below_minimum():
+    result = CliRunner().invoke(cli, ["config", "set", "serve.ctx", "2"])
+    assert result.exit_code == UsageError.exit_code
+    assert "must be at least 3 tokens, got 2" in result.output
+    assert not config.config_path().exists()
