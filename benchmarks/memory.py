@@ -28,10 +28,8 @@ from __future__ import annotations
 import os
 import sys
 
-# Python puts this script's folder first on sys.path, where benchmarks/inspect.py would
-# shadow the standard library's inspect module, so the repository root replaces it
-# before anything imports inspect.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repository root, for `registry` when qreg is not installed.
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402

@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import installed_command
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 RANDOM_SIZE = int(609.5 * MIB)
@@ -60,17 +62,6 @@ QREG_PULL = (
     "hub.pull(manifest, 'Q8_0')\n"
     "print(time.perf_counter() - started)\n"
 )
-
-
-def installed_command(name: str) -> str:
-    """Return the console script next to this interpreter (no pyenv shim), else the one on PATH."""
-    beside = Path(sys.executable).with_name(name)
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise SystemExit(f"benchmark: command {name} not found next to {sys.executable} or on PATH")
-    return found
 
 
 def twin_q8_0() -> Path | None:

@@ -50,11 +50,9 @@ import tempfile
 import time
 from pathlib import Path
 
-# Python puts this script's folder first on sys.path, where benchmarks/inspect.py would
-# shadow the standard library's inspect module that httpx's dependencies import.
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+import httpx
 
-import httpx  # noqa: E402
+from common import installed_command
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EOS_TEXT = "<|endoftext|>"
@@ -84,16 +82,6 @@ def load_make_fixtures():
     sys.modules["make_fixtures"] = module
     spec.loader.exec_module(module)
     return module
-
-
-def installed_command(name: str) -> str:
-    beside = Path(sys.executable).with_name(name)
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise SystemExit(f"benchmark: command {name} not found next to {sys.executable} or on PATH")
-    return found
 
 
 def free_port() -> int:

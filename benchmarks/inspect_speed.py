@@ -12,7 +12,7 @@ directory, warmed by one untimed run), as in a normal install. Without it, an
 environment that sets PYTHONDONTWRITEBYTECODE compiles qreg's modules from source on
 every run; --no-bytecode-cache measures that case.
 
-Usage: benchmarks/inspect.py [--runs N] [--dump-runs N] [--build-twin] [--no-bytecode-cache] [FILE ...]
+Usage: benchmarks/inspect_speed.py [--runs N] [--dump-runs N] [--build-twin] [--no-bytecode-cache] [FILE ...]
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import importlib.util
 import os
 import platform
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -30,24 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import installed_command
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 RUN_TIMEOUT_SECONDS = 600
-
-
-def installed_command(name: str) -> str:
-    """Return the console script next to this interpreter, else the one on PATH.
-
-    The script next to sys.executable is preferred because a version manager's shim
-    on PATH (pyenv) adds a shell start to every run.
-    """
-    beside = Path(sys.executable).with_name(name)
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise SystemExit(f"benchmark: command {name} not found next to {sys.executable} or on PATH")
-    return found
 
 
 def load_make_fixtures():
