@@ -18,7 +18,6 @@ Usage: benchmarks/inspect_speed.py [--runs N] [--dump-runs N] [--build-twin] [--
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import resource
@@ -29,19 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import installed_command
+from common import installed_command, load_make_fixtures
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 RUN_TIMEOUT_SECONDS = 600
-
-
-def load_make_fixtures():
-    spec = importlib.util.spec_from_file_location("make_fixtures", REPO_ROOT / "scripts" / "make_fixtures.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_fixtures"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def default_files(build_twin: bool) -> list[tuple[str, Path]]:

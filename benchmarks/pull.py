@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import platform
@@ -35,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import installed_command
+from common import installed_command, load_make_fixtures
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -66,11 +65,8 @@ QREG_PULL = (
 
 def twin_q8_0() -> Path | None:
     """Return the twin's Q8_0 (quantized on first use, minutes), or None when llama.cpp is unavailable."""
-    spec = importlib.util.spec_from_file_location("make_fixtures", REPO_ROOT / "scripts" / "make_fixtures.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_fixtures"] = module
     try:
-        spec.loader.exec_module(module)
+        module = load_make_fixtures()
         return module.Twin(module.find_llama_bin_dir()).ensure("Q8_0")
     except Exception as error:  # no llama.cpp build: fall back to random bytes
         print(f"benchmark: twin Q8_0 unavailable ({error}); using random bytes", file=sys.stderr)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import importlib.util
 import json
 import os
 import platform
@@ -52,7 +51,7 @@ from pathlib import Path
 
 import httpx
 
-from common import installed_command
+from common import installed_command, load_make_fixtures
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EOS_TEXT = "<|endoftext|>"
@@ -74,14 +73,6 @@ WORDS = (
     "school time may years more most only over city some world would where later up such used many can "
     "state about national out known university united then made first"
 ).split()
-
-
-def load_make_fixtures():
-    spec = importlib.util.spec_from_file_location("make_fixtures", REPO_ROOT / "scripts" / "make_fixtures.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_fixtures"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def free_port() -> int:
