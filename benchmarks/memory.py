@@ -28,8 +28,11 @@ from __future__ import annotations
 import os
 import sys
 
-# The repository root, for `registry` when qreg is not installed.
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# This folder, for benchmarks/common.py when the module is loaded by path (as
+# tests/test_estimate.py does), and the repository root, for `registry` when qreg is
+# not installed.
+_FOLDER = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [path for path in (_FOLDER, os.path.dirname(_FOLDER)) if path not in sys.path]
 
 import argparse  # noqa: E402
 import json  # noqa: E402
