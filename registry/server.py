@@ -463,7 +463,7 @@ def check_port_free(host: str, port: int) -> None:
         if error.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
             raise PortInUseError(
                 f"port {port} on {host} is already in use",
-                hint=f"stop what listens there, or pass --port with another port (see 'qreg ps')",
+                hint="stop what listens there, or pass --port with another port (see 'qreg ps')",
             ) from None
         raise ServerError(f"cannot listen on {host}:{port}: {error.strerror}", hint="check --host") from None
     finally:
@@ -685,7 +685,7 @@ class stop_signals_raise:
             self.pending = self.pending or signum
             return
         if self.raised:
-            log.info("%s received while stopping llama-server; still stopping", signal.Signals(signum).name)
+            log.info("%s received while already stopping; still stopping", signal.Signals(signum).name)
             return
         self.raised = True
         raise StopSignal(signum)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import signal
-from typing import Iterator
-
 import click
 
 from registry.cli.options import json_option, make_output, manifest_option, quiet_option
 from registry.cli.output import print_error
 from registry.errors import EXIT_INTERRUPTED
 from registry.manifest import load_manifest
+from registry.server import StopSignal, stop_signals_raise
 
 
 def _render(data: dict) -> str:
@@ -57,39 +54,17 @@ def pull_command(
     variant = manifest.resolve(variant_name)
     output = make_output(json_mode, quiet)
     try:
-        with _signals_raise():
+        # SIGTERM and SIGHUP unwind the transfer like Ctrl-C, so the received bytes are kept.
+        with stop_signals_raise():
             result = hub.pull(manifest, variant, revision=revision, output=output)
-    except (KeyboardInterrupt, _Stopped) as stop:
-        exit_code = stop.exit_code if isinstance(stop, _Stopped) else EXIT_INTERRUPTED
-        what = "stopped by a signal" if isinstance(stop, _Stopped) else "interrupted"
+    except (KeyboardInterrupt, StopSignal) as stop:
+        exit_code = stop.exit_code if isinstance(stop, StopSignal) else EXIT_INTERRUPTED
+        cause = "stopped by a signal" if isinstance(stop, StopSignal) else "interrupted"
         kept = store.partial_info(store.paths_for(manifest, variant))
         progress = f" ({kept[0]} of {kept[1]} bytes kept)" if kept else ""
-        message = f"{what} while pulling {variant.name}{progress}; run 'qreg pull {variant_name}' again to resume"
+        message = f"{cause} while pulling {variant.name}{progress}; run 'qreg pull {variant_name}' again to resume"
         print_error(message, kind="interrupted", exit_code=exit_code, json_mode=json_mode)
         ctx.exit(exit_code)
         return
     output.result(result.to_dict(), _render)
 
-
-class _Stopped(BaseException):
-    """SIGTERM or SIGHUP arrived during a pull (a BaseException, so no retry loop catches it)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.exit_code = 128 + signum
-
-
-@contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
-    # Raised in the main thread, the exception unwinds the transfer like Ctrl-C does:
-    # received bytes are written and kept for the resume.
-    def stop(signum: int, _frame: object) -> None:
-        raise _Stopped(signum)
-
-    stops = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
-    previous = {signum: signal.signal(signum, stop) for signum in stops}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
