@@ -34,7 +34,7 @@ from registry.errors import (
     UsageError,
 )
 from registry.manifest import Manifest, Variant
-from registry.transfer import MAX_BACKOFF, Download, TransientError, origin, short_error
+from registry.transfer import MAX_BACKOFF, Download, TransientError, caused_by_name_resolution, origin, short_error
 
 log = logging.getLogger(__name__)
 
@@ -122,22 +122,9 @@ def _is_transient(error: BaseException) -> bool:
     if isinstance(error, _transport_errors()):
         # A host name that does not resolve stays unresolved for the seconds the
         # retries would wait, so fail at once (no network, or a mistyped HF_ENDPOINT).
-        return not _caused_by_name_resolution(error)
+        return not caused_by_name_resolution(error)
     if isinstance(error, HfHubHTTPError) and error.response is not None:
         return error.response.status_code == 429 or error.response.status_code >= 500
-    return False
-
-
-def _caused_by_name_resolution(error: BaseException) -> bool:
-    import socket
-
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, socket.gaierror) or "Name or service not known" in str(current):
-            return True
-        current = current.__cause__ or current.__context__
     return False
 
 

@@ -54,7 +54,7 @@ class TransientError(Exception):
 
 
 class Notes(Protocol):
-    """Where the transfer reports resumes and retries (registry.hub's notes)."""
+    """The destination of the transfer's resume and retry notes (registry.hub's _Notes)."""
 
     progress_enabled: bool
 
@@ -111,24 +111,32 @@ def _opener(url: str) -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(*handlers)
 
 
-def _network_error(error: BaseException, what: str) -> Exception:
+def _network_error(error: BaseException, action: str) -> Exception:
     """Classify a failure of the connection: TransientError to retry, else HubError."""
     reason = error.reason if isinstance(error, urllib.error.URLError) else error
     if isinstance(reason, ssl.SSLCertVerificationError):
-        return HubError(f"{what}: TLS certificate check failed ({reason.verify_message})",
+        return HubError(f"{action}: TLS certificate check failed ({reason.verify_message})",
                         hint="set SSL_CERT_FILE to your CA bundle if a proxy re-signs TLS")
-    if _name_not_resolved(reason):
-        return HubError(f"{what}: the host name does not resolve ({short_error(reason)})",
+    if caused_by_name_resolution(reason):
+        return HubError(f"{action}: the host name does not resolve ({short_error(reason)})",
                         hint="check the network and HF_ENDPOINT, then run the same command again")
     if isinstance(reason, (OSError, http.client.HTTPException)):
         return TransientError(short_error(reason))
-    return HubError(f"{what}: {short_error(error)}", hint="run the same command again")
+    return HubError(f"{action}: {short_error(error)}", hint="run the same command again")
 
 
-def _name_not_resolved(error: BaseException) -> bool:
+def caused_by_name_resolution(error: BaseException) -> bool:
+    """Return whether a failed name lookup is the error or any exception in its cause chain."""
     import socket
 
-    return isinstance(error, socket.gaierror) or "Name or service not known" in str(error)
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, socket.gaierror) or "Name or service not known" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 # -- writing and hashing ---------------------------------------------------------
@@ -139,8 +147,8 @@ class _Writer:
 
     os.write releases the GIL, so writing runs beside the socket reads and the hashing
     in the reading thread. Buffers come from a fixed pool and go back to it once
-    written; `take` blocks while all are in flight, which is what slows the reads down
-    to the disk's pace.
+    written. `take` blocks while all of them are in flight, so the reads slow down to
+    the disk's pace.
     """
 
     def __init__(self, path: os.PathLike):
@@ -339,9 +347,9 @@ class Download:
     def _fill_one(self, response: Any, writer: _Writer) -> bool:
         """Read into one buffer until it is full, FLUSH_SECONDS pass or the body ends; return False at the end.
 
-        http.client's readinto waits until the whole slice it is given is filled, so the
-        slices start small and double while they fill fast: a slow link still hands a
-        buffer over every FLUSH_SECONDS, a fast one reads a whole buffer in a few calls.
+        http.client's readinto waits until the whole slice it is given is filled. So the
+        slices start small and double while they fill fast. A slow link still hands a
+        buffer over every FLUSH_SECONDS, and a fast one reads a whole buffer in a few calls.
         """
         buffer = writer.take()
         view = memoryview(buffer)
