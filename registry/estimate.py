@@ -136,7 +136,7 @@ ACTIVATION_BYTES_PER_TOKEN = 40
 CPU_RUNTIME_OVERHEAD = 60 * MIB
 # NOTE: with one slot, VmHWM exceeded the estimate by about 5 MiB at ctx 32768
 # (docs/benchmarks.md). Some allocation that no term models grows by roughly
-# 0.2 KiB per token of per-slot context; the 60 MiB above covers it up to ctx 8192.
+# 0.2 KiB per token of per-slot context. The 60 MiB above covers it up to ctx 8192.
 
 # NOTE: not measured, because no GPU was available. The CUDA and Vulkan runtimes keep
 # a context, kernels and pinned staging buffers in host memory and reserve some VRAM

@@ -25,7 +25,7 @@ def qreg(qreg_exe: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def servers_on_port(port: int) -> list[int]:
-    """Return the pids of llama-server processes whose command line has --port PORT, whoever their parent is."""
+    """Return the pids of llama-server processes whose command line has --port PORT, whatever their parent."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():

@@ -62,8 +62,8 @@ def print_error(message: str, *, kind: str, exit_code: int, json_mode: bool, det
 
 
 def _printable(text: str) -> str:
-    # A name read from a damaged file may hold control bytes (NUL, form feed, escape
-    # sequences); shown as \xNN they cannot break the one line or drive the terminal.
+    # A name read from a damaged file may contain control bytes (NUL, form feed, escape
+    # sequences). Shown as \xNN, they cannot break the one line or drive the terminal.
     return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
